@@ -1,0 +1,125 @@
+//! Reading Video-LLaVA checkpoints: config, tensor store, and the name layout.
+mod config;
+mod safetensors_store;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{Activation, ModelConfig, Rope, SelectStrategy, TextConfig, VisionConfig};
+pub use safetensors_store::TensorStore;
+use vl_runtime::manifest::CheckpointLayout;
+
+use crate::error::{Error, Result};
+
+/// Tensor-name roots of each part of the model in one checkpoint.
+#[derive(Debug, Clone)]
+pub struct Roots {
+    /// Video tower (CLIP vision transformer).
+    pub video_tower: String,
+    /// Image tower.
+    pub image_tower: String,
+    /// The two-layer projector.
+    pub projector: String,
+    /// The LLaMA body (embeddings, layers, norm).
+    pub text_body: String,
+    /// The output head.
+    pub lm_head: String,
+}
+
+/// An opened checkpoint.
+pub struct Checkpoint {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Resolved config.
+    pub config: ModelConfig,
+    /// Memory-mapped tensors.
+    pub store: TensorStore,
+    /// Which name layout it uses.
+    pub layout: CheckpointLayout,
+    /// Where each part lives.
+    pub roots: Roots,
+}
+
+fn find_root(store: &TensorStore, candidates: &[&str], probe: &str) -> Option<String> {
+    candidates.iter().find(|c| store.contains(&format!("{c}{probe}"))).map(|c| c.to_string())
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint in `dir` and works out its layout.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::Invalid(format!("{}: not a checkpoint directory", dir.display())));
+        }
+        let config = ModelConfig::load(dir)?;
+        let store = TensorStore::open(dir)?;
+        let missing = |probe: &str| Error::MissingTensor { name: probe.to_string(), dir: dir.to_path_buf() };
+        let tower = |name: &str| {
+            let candidates = [
+                format!("{name}."),
+                format!("{name}.vision_model."),
+                format!("model.{name}."),
+                format!("model.{name}.vision_model."),
+            ];
+            let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
+            find_root(&store, &refs, "embeddings.patch_embedding.weight")
+                .ok_or_else(|| missing(&format!("{name}.embeddings.patch_embedding.weight")))
+        };
+        let video_tower = tower("video_tower")?;
+        let image_tower = tower("image_tower")?;
+        let projector =
+            find_root(&store, &["multi_modal_projector.", "model.multi_modal_projector."], "linear_1.weight")
+                .ok_or_else(|| missing("multi_modal_projector.linear_1.weight"))?;
+        let text_body = find_root(
+            &store,
+            &["language_model.model.", "model.language_model.", "language_model."],
+            "embed_tokens.weight",
+        )
+        .ok_or_else(|| missing("language_model.model.embed_tokens.weight"))?;
+        let lm_head = find_root(&store, &["language_model.lm_head.", "lm_head."], "weight").unwrap_or_default();
+        if lm_head.is_empty() && !config.text.tie_embeddings {
+            return Err(missing("language_model.lm_head.weight"));
+        }
+        let layout =
+            if video_tower.ends_with("vision_model.") { CheckpointLayout::HfV4 } else { CheckpointLayout::HfV5 };
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            store,
+            layout,
+            roots: Roots { video_tower, image_tower, projector, text_body, lm_head },
+        })
+    }
+
+    /// A view of the tensors under `root`.
+    pub fn weights(&self, root: &str) -> Weights<'_> {
+        Weights { store: &self.store, prefix: root.to_string() }
+    }
+}
+
+/// Tensors looked up by prefix, so graph code reads like the architecture.
+#[derive(Clone)]
+pub struct Weights<'a> {
+    store: &'a TensorStore,
+    prefix: String,
+}
+
+impl<'a> Weights<'a> {
+    /// The view one level down (`pp("mlp")` → `...mlp.`).
+    pub fn pp(&self, part: impl std::fmt::Display) -> Weights<'a> {
+        Weights { store: self.store, prefix: format!("{}{part}.", self.prefix) }
+    }
+
+    /// The full name of `leaf` under this view.
+    pub fn name(&self, leaf: &str) -> String {
+        format!("{}{leaf}", self.prefix)
+    }
+
+    /// Reads `leaf` as f32 with the expected shape.
+    pub fn f32(&self, leaf: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.store.f32(&self.name(leaf), shape)
+    }
+
+    /// Whether `leaf` exists.
+    pub fn has(&self, leaf: &str) -> bool {
+        self.store.contains(&self.name(leaf))
+    }
+}

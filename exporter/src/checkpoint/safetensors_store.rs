@@ -1,0 +1,142 @@
+//! Memory-mapped safetensors shards (single file or sharded with an index), read tensor by tensor.
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+struct Shard {
+    path: PathBuf,
+    map: Mmap,
+}
+
+struct Entry {
+    shard: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// All tensors of a checkpoint directory, memory-mapped; nothing is read until asked for.
+pub struct TensorStore {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    entries: HashMap<String, Entry>,
+}
+
+fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Config { path: index.clone(), message: e.to_string() })?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| Error::Config { path: index.clone(), message: "no weight_map object".into() })?;
+        let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(Error::Invalid(format!("{}: no model.safetensors and no model.safetensors.index.json", dir.display())))
+}
+
+impl TensorStore {
+    /// Maps every shard of the checkpoint in `dir` and indexes its tensors.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mut shards = Vec::new();
+        let mut entries = HashMap::new();
+        for path in shard_files(dir)? {
+            let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: the map is read-only; a checkpoint changed on disk while we export is
+            // the user's race, and at worst gives wrong weights, never memory unsafety in Rust.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
+            let bad =
+                |e: safetensors::SafeTensorError| Error::Safetensors { path: path.clone(), message: e.to_string() };
+            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(bad)?;
+            let base = 8 + header_len;
+            let shard = shards.len();
+            for (name, info) in metadata.tensors() {
+                let (start, end) = info.data_offsets;
+                if base + end > map.len() {
+                    return Err(Error::Safetensors {
+                        path: path.clone(),
+                        message: format!("tensor {name} ends past the end of the file"),
+                    });
+                }
+                entries.insert(
+                    name,
+                    Entry { shard, dtype: info.dtype, shape: info.shape.clone(), start: base + start, end: base + end },
+                );
+            }
+            shards.push(Shard { path, map });
+        }
+        Ok(Self { dir: dir.to_path_buf(), shards, entries })
+    }
+
+    /// Whether the checkpoint holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The shape of `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// The dtype of the first tensor, as the checkpoint's weight type.
+    pub fn dominant_dtype(&self) -> String {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for e in self.entries.values() {
+            *counts.entry(format!("{:?}", e.dtype).to_lowercase()).or_default() += 1;
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d).unwrap_or_default()
+    }
+
+    /// Reads `name` as f32, checking it has `expected` shape.
+    pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let entry = self
+            .entries
+            .get(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.to_string(), dir: self.dir.clone() })?;
+        if entry.shape != expected {
+            return Err(Error::TensorShape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: entry.shape.clone(),
+            });
+        }
+        let shard = &self.shards[entry.shard];
+        let bytes = &shard.map[entry.start..entry.end];
+        let count: usize = expected.iter().product();
+        let width = match entry.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            other => {
+                return Err(Error::UnsupportedDtype { name: name.to_string(), dtype: format!("{other:?}") });
+            }
+        };
+        if bytes.len() != count * width {
+            return Err(Error::Safetensors {
+                path: shard.path.clone(),
+                message: format!("tensor {name} holds {} bytes for {count} elements", bytes.len()),
+            });
+        }
+        let values = match entry.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            _ => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        };
+        Ok(values)
+    }
+}

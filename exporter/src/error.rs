@@ -1,0 +1,86 @@
+//! The one error type of the exporter.
+use std::path::PathBuf;
+
+/// Everything that can go wrong while reading a checkpoint or writing graphs.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is missing fields or holds values the exporter cannot honour.
+    #[error("{path}: {message}")]
+    Config {
+        /// The config file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The checkpoint is not a Video-LLaVA model this exporter knows.
+    #[error("{path}: unsupported architecture {found:?} (expected VideoLlavaForConditionalGeneration)")]
+    UnknownArchitecture {
+        /// The config file.
+        path: PathBuf,
+        /// What the config names.
+        found: String,
+    },
+    /// A safetensors file is malformed (truncated, bad header, offsets past the end).
+    #[error("{path}: not a valid safetensors file: {message}")]
+    Safetensors {
+        /// The shard.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A tensor the model needs is not in the checkpoint.
+    #[error("tensor {name} is missing from the checkpoint in {dir}")]
+    MissingTensor {
+        /// Full tensor name (as the checkpoint would spell it).
+        name: String,
+        /// The checkpoint directory.
+        dir: PathBuf,
+    },
+    /// A tensor has a shape other than the config implies.
+    #[error("tensor {name} has shape {found:?}, expected {expected:?} from config.json")]
+    TensorShape {
+        /// Full tensor name.
+        name: String,
+        /// Shape implied by the config.
+        expected: Vec<usize>,
+        /// Shape in the checkpoint.
+        found: Vec<usize>,
+    },
+    /// A tensor's element type is not fp32, fp16 or bf16.
+    #[error("tensor {name} has unsupported dtype {dtype}")]
+    UnsupportedDtype {
+        /// Full tensor name.
+        name: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// The tokenizer could not be built or read.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Anything else the user must fix, with the reason.
+    #[error("{0}")]
+    Invalid(String),
+    /// An error from the runtime crate (manifest, ONNX Runtime).
+    #[error(transparent)]
+    Runtime(#[from] vl_runtime::Error),
+}
+
+impl Error {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}
+
+/// Result with the exporter's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,285 @@
+//! A small builder for ONNX graphs: nodes by op name, constants inline, weights streamed to
+//! the external data file as soon as they are added.
+use prost::Message;
+use vl_runtime::manifest::{DType, Dim, TensorSpec};
+
+use super::external::ExternalData;
+use super::proto::{
+    self, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType,
+    tensor_shape_proto, type_proto,
+};
+use crate::error::Result;
+
+/// IR version matching opset 17.
+const IR_VERSION: i64 = 8;
+
+/// A node attribute.
+pub enum Attr {
+    /// One integer.
+    Int(i64),
+    /// A list of integers.
+    Ints(Vec<i64>),
+    /// One float.
+    Float(f32),
+    /// A constant tensor (for `ConstantOfShape`).
+    Tensor(TensorProto),
+}
+
+/// Inputs and outputs of a graph, as the manifest records them.
+pub type IoSpec = TensorSpec;
+
+/// Builds one graph; weights go to `data` as they are added.
+pub struct GraphBuilder {
+    name: String,
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    specs_in: Vec<IoSpec>,
+    specs_out: Vec<IoSpec>,
+    data: ExternalData,
+    counter: usize,
+    scope: String,
+    progress: Option<indicatif::ProgressBar>,
+}
+
+fn dtype_code(dtype: DType) -> i32 {
+    match dtype {
+        DType::F32 => DataType::Float as i32,
+        DType::F16 => DataType::Float16 as i32,
+        DType::I64 => DataType::Int64 as i32,
+    }
+}
+
+fn value_info(spec: &IoSpec) -> ValueInfoProto {
+    let dim = spec
+        .shape
+        .iter()
+        .map(|d| tensor_shape_proto::Dimension {
+            value: Some(match d {
+                Dim::Fixed(n) => tensor_shape_proto::dimension::Value::DimValue(*n),
+                Dim::Symbolic(s) => tensor_shape_proto::dimension::Value::DimParam(s.clone()),
+            }),
+            denotation: None,
+        })
+        .collect();
+    ValueInfoProto {
+        name: Some(spec.name.clone()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(dtype_code(spec.dtype)),
+                shape: Some(TensorShapeProto { dim }),
+            })),
+            denotation: None,
+        }),
+        ..Default::default()
+    }
+}
+
+fn attribute(name: &str, attr: Attr) -> AttributeProto {
+    let mut a = AttributeProto { name: Some(name.to_string()), ..Default::default() };
+    match attr {
+        Attr::Int(i) => {
+            a.r#type = Some(AttributeType::Int as i32);
+            a.i = Some(i);
+        }
+        Attr::Ints(v) => {
+            a.r#type = Some(AttributeType::Ints as i32);
+            a.ints = v;
+        }
+        Attr::Float(f) => {
+            a.r#type = Some(AttributeType::Float as i32);
+            a.f = Some(f);
+        }
+        Attr::Tensor(t) => {
+            a.r#type = Some(AttributeType::Tensor as i32);
+            a.t = Some(t);
+        }
+    }
+    a
+}
+
+/// A tensor with its bytes inline (for small constants).
+pub fn inline_tensor(name: &str, dtype: DType, dims: &[i64], raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: Some(name.to_string()),
+        data_type: Some(dtype_code(dtype)),
+        dims: dims.to_vec(),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+impl GraphBuilder {
+    /// A new graph whose weights go to `data`.
+    pub fn new(name: &str, data: ExternalData) -> Self {
+        Self {
+            name: name.to_string(),
+            nodes: Vec::new(),
+            initializers: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            specs_in: Vec::new(),
+            specs_out: Vec::new(),
+            data,
+            counter: 0,
+            scope: String::new(),
+            progress: None,
+        }
+    }
+
+    /// Reports written weight bytes to `bar`.
+    pub fn set_progress(&mut self, bar: indicatif::ProgressBar) {
+        self.progress = Some(bar);
+    }
+
+    /// Sets the prefix of generated node names (for readable graphs).
+    pub fn set_scope(&mut self, scope: &str) {
+        self.scope = scope.to_string();
+    }
+
+    /// Declares a graph input and returns its name.
+    pub fn input(&mut self, spec: IoSpec) -> String {
+        self.inputs.push(value_info(&spec));
+        let name = spec.name.clone();
+        self.specs_in.push(spec);
+        name
+    }
+
+    /// Declares `value` as a graph output named `spec.name` (through an Identity if needed).
+    pub fn output(&mut self, value: &str, spec: IoSpec) {
+        if value != spec.name {
+            self.node_named("Identity", &[value], vec![], &spec.name);
+        }
+        self.outputs.push(value_info(&spec));
+        self.specs_out.push(spec);
+    }
+
+    fn fresh(&mut self, op: &str) -> String {
+        self.counter += 1;
+        if self.scope.is_empty() {
+            format!("{op}_{}", self.counter)
+        } else {
+            format!("{}/{op}_{}", self.scope, self.counter)
+        }
+    }
+
+    fn node_named(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>, out: &str) {
+        let name = self.fresh(op);
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.to_string()],
+            name: Some(name),
+            op_type: Some(op.to_string()),
+            attribute: attrs.into_iter().map(|(n, a)| attribute(n, a)).collect(),
+            ..Default::default()
+        });
+    }
+
+    /// Adds a node with one output and returns that output's name.
+    pub fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+        let out = self.fresh(op);
+        self.node_named(op, inputs, attrs, &out);
+        out
+    }
+
+    /// Adds a node with `n` outputs.
+    pub fn op_n(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>, n: usize) -> Vec<String> {
+        let base = self.fresh(op);
+        let outputs: Vec<String> = (0..n).map(|i| format!("{base}:{i}")).collect();
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.clone(),
+            name: Some(base),
+            op_type: Some(op.to_string()),
+            attribute: attrs.into_iter().map(|(n, a)| attribute(n, a)).collect(),
+            ..Default::default()
+        });
+        outputs
+    }
+
+    /// A small int64 constant, stored inline.
+    pub fn const_i64(&mut self, values: &[i64], dims: &[i64]) -> String {
+        let name = self.fresh("const");
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializers.push(inline_tensor(&name, DType::I64, dims, raw));
+        name
+    }
+
+    /// A small float constant, stored inline.
+    pub fn const_f32(&mut self, values: &[f32], dims: &[i64]) -> String {
+        let name = self.fresh("const");
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializers.push(inline_tensor(&name, DType::F32, dims, raw));
+        name
+    }
+
+    /// A weight: its bytes are appended to the external data file now.
+    pub fn weight(&mut self, name: &str, dtype: DType, dims: &[i64], bytes: &[u8]) -> Result<String> {
+        let extent = self.data.append(bytes)?;
+        if let Some(bar) = &self.progress {
+            bar.inc(extent.length);
+        }
+        let entry = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
+        self.initializers.push(TensorProto {
+            name: Some(name.to_string()),
+            data_type: Some(dtype_code(dtype)),
+            dims: dims.to_vec(),
+            data_location: Some(proto::tensor_proto::DataLocation::External as i32),
+            external_data: vec![
+                entry("location", self.data.file_name().to_string()),
+                entry("offset", extent.offset.to_string()),
+                entry("length", extent.length.to_string()),
+            ],
+            ..Default::default()
+        });
+        Ok(name.to_string())
+    }
+
+    /// A float32 weight.
+    pub fn weight_f32(&mut self, name: &str, dims: &[i64], values: &[f32]) -> Result<String> {
+        self.weight(name, DType::F32, dims, bytemuck::cast_slice(values))
+    }
+
+    /// Finishes the graph: the model's bytes, its interface, and the data file's size and hash.
+    pub fn finish(self, producer_version: &str) -> Result<FinishedGraph> {
+        let (data_bytes, data_sha256) = self.data.finish()?;
+        let model = ModelProto {
+            ir_version: Some(IR_VERSION),
+            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(super::OPSET) }],
+            producer_name: Some("vl-export".into()),
+            producer_version: Some(producer_version.to_string()),
+            graph: Some(GraphProto {
+                name: Some(self.name),
+                node: self.nodes,
+                initializer: self.initializers,
+                input: self.inputs,
+                output: self.outputs,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Ok(FinishedGraph {
+            model_bytes: model.encode_to_vec(),
+            inputs: self.specs_in,
+            outputs: self.specs_out,
+            data_bytes,
+            data_sha256,
+        })
+    }
+}
+
+/// A serialized graph and what the manifest needs to say about it.
+pub struct FinishedGraph {
+    /// The `.onnx` file's bytes (weights excluded).
+    pub model_bytes: Vec<u8>,
+    /// Graph inputs.
+    pub inputs: Vec<IoSpec>,
+    /// Graph outputs.
+    pub outputs: Vec<IoSpec>,
+    /// Size of the external data file.
+    pub data_bytes: u64,
+    /// SHA-256 of the external data file.
+    pub data_sha256: String,
+}

@@ -1,0 +1,118 @@
+//! The JSON files of a checkpoint: `config.json` as transformers 5 writes it, and the
+//! tokenizer and processor configs that `VideoLlavaProcessor.from_pretrained` reads.
+use std::path::Path;
+
+use serde_json::json;
+use vl_runtime::manifest::CheckpointLayout;
+
+use super::SynthSpec;
+use super::tokenizer::SpecialIds;
+use crate::error::{Error, Result};
+
+const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
+    let path = dir.join(name);
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
+}
+
+fn feature_layer(s: &SynthSpec) -> serde_json::Value {
+    match s.feature_layers.as_slice() {
+        [one] => json!(one),
+        many => json!(many),
+    }
+}
+
+/// Writes `config.json` and the tokenizer/processor configs.
+pub fn write_configs(s: &SynthSpec, ids: &SpecialIds, vocab: usize, out: &Path) -> Result<()> {
+    let rope = match s.rope_linear {
+        Some(f) => json!({"rope_theta": 10000.0, "rope_type": "linear", "factor": f}),
+        None => json!({"rope_theta": 10000.0, "rope_type": "default"}),
+    };
+    let mut text = json!({
+        "model_type": "llama", "hidden_act": "silu", "hidden_size": s.text_hidden,
+        "intermediate_size": s.text_intermediate, "num_hidden_layers": s.text_layers,
+        "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
+        "head_dim": s.text_hidden / s.heads, "rms_norm_eps": 1e-5, "vocab_size": vocab,
+        "max_position_embeddings": s.max_positions, "tie_word_embeddings": s.tie_embeddings,
+        "attention_bias": false, "mlp_bias": false, "bos_token_id": ids.bos, "eos_token_id": ids.eos,
+        "pad_token_id": ids.pad,
+    });
+    if s.layout == CheckpointLayout::HfV4 {
+        text["rope_theta"] = json!(10000.0);
+        if let Some(f) = s.rope_linear {
+            text["rope_scaling"] = json!({"type": "linear", "factor": f});
+        }
+    } else {
+        text["rope_parameters"] = rope;
+    }
+    let tokens_per_frame = (s.image_size / s.patch_size).pow(2) + 1;
+    let config = json!({
+        "architectures": ["VideoLlavaForConditionalGeneration"],
+        "model_type": "video_llava",
+        "dtype": match s.dtype { super::WeightDtype::F32 => "float32", super::WeightDtype::F16 => "float16", super::WeightDtype::Bf16 => "bfloat16" },
+        "image_token_index": ids.image,
+        "video_token_index": ids.video,
+        "image_seq_length": tokens_per_frame - 1,
+        "video_seq_length": tokens_per_frame * 8,
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": true,
+        "tie_word_embeddings": s.tie_embeddings,
+        "vision_feature_layer": feature_layer(s),
+        "vision_feature_select_strategy": if s.keep_cls { "full" } else { "default" },
+        "text_config": text,
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_act": "quick_gelu",
+            "hidden_size": s.vision_hidden, "intermediate_size": s.vision_intermediate,
+            "num_hidden_layers": s.vision_layers, "num_attention_heads": s.vision_heads,
+            "image_size": s.image_size, "patch_size": s.patch_size, "layer_norm_eps": 1e-5,
+            "num_channels": 3, "projection_dim": s.vision_hidden,
+        },
+    });
+    write_json(out, "config.json", &config)?;
+    processor_files(s, out)
+}
+
+fn processor_files(s: &SynthSpec, out: &Path) -> Result<()> {
+    let side = s.image_size;
+    let image_processor = json!({
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": true, "size": {"shortest_edge": side}, "resample": 3,
+        "do_center_crop": true, "crop_size": {"height": side, "width": side},
+        "do_rescale": true, "rescale_factor": 1.0 / 255.0,
+        "do_normalize": true, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "do_convert_rgb": true,
+    });
+    write_json(out, "preprocessor_config.json", &image_processor)?;
+    let mut video_processor = image_processor.clone();
+    video_processor["video_processor_type"] = json!("VideoLlavaVideoProcessor");
+    if let Some(obj) = video_processor.as_object_mut() {
+        obj.remove("image_processor_type");
+    }
+    write_json(out, "video_preprocessor_config.json", &video_processor)?;
+    write_json(
+        out,
+        "processor_config.json",
+        &json!({
+            "processor_class": "VideoLlavaProcessor", "patch_size": s.patch_size,
+            "vision_feature_select_strategy": if s.keep_cls { "full" } else { "default" },
+            "num_additional_image_tokens": 1,
+        }),
+    )?;
+    write_json(
+        out,
+        "tokenizer_config.json",
+        &json!({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": s.max_positions,
+            "add_bos_token": true, "add_eos_token": false, "clean_up_tokenization_spaces": false,
+        }),
+    )?;
+    write_json(
+        out,
+        "special_tokens_map.json",
+        &json!({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}),
+    )
+}

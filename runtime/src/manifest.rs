@@ -1,0 +1,314 @@
+//! `manifest.yaml`: the contract `vl-export` writes and the runtime checks graphs against.
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::preprocess::PreprocessConfig;
+
+/// The manifest schema this runtime reads and the exporter writes.
+pub const SCHEMA_VERSION: u32 = 1;
+/// The manifest's file name inside an engine directory.
+pub const MANIFEST_FILE: &str = "manifest.yaml";
+
+/// Everything the runtime needs to know about an engine directory.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// Bumped on incompatible changes.
+    pub schema_version: u32,
+    /// Version of the toolkit that wrote it.
+    pub toolkit_version: String,
+    /// Where the weights came from.
+    pub source: Source,
+    /// Dimensions of the model.
+    pub model: ModelDims,
+    /// Numeric precision of the graphs.
+    pub precision: Precision,
+    /// Which runtime the graphs are written for.
+    pub target: Target,
+    /// Graph files by role.
+    pub graphs: Graphs,
+    /// Special token ids.
+    pub tokens: SpecialTokens,
+    /// How prompts are laid out.
+    pub chat_template: ChatTemplate,
+    /// How frames are sampled and turned into pixel values.
+    pub preprocess: Preprocess,
+    /// Longest sequence (prompt and answer) the decoder accepts.
+    pub max_sequence_length: usize,
+    /// The tokenizer file, relative to the engine directory.
+    pub tokenizer: String,
+    /// Choices made where the checkpoint was silent, one line each.
+    #[serde(default)]
+    pub assumptions: Vec<String>,
+}
+
+/// Where the weights came from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Source {
+    /// Checkpoint directory as given to the exporter.
+    pub path: String,
+    /// Checkpoint layout.
+    pub layout: CheckpointLayout,
+    /// The `architectures[0]` of its config.
+    pub architecture: String,
+    /// Data type of the checkpoint's weights.
+    pub weight_dtype: String,
+}
+
+/// Checkpoint layouts the exporter reads.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum CheckpointLayout {
+    /// Hugging Face port saved by transformers 5 (`video_tower.encoder...`).
+    HfV5,
+    /// Hugging Face port saved by transformers 4 (`video_tower.vision_model.encoder...`).
+    HfV4,
+}
+
+/// Numeric precision of the exported graphs.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// 32-bit float weights and activations.
+    Fp32,
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+        })
+    }
+}
+
+/// The operator set the graphs restrict themselves to.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Target {
+    /// Standard ONNX operators only (opset 17) that TensorRT's ONNX parser supports.
+    Standard,
+}
+
+/// Model dimensions the runtime relies on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelDims {
+    /// Frames per video.
+    pub num_frames: usize,
+    /// Visual tokens per frame for videos (patches + CLS).
+    pub tokens_per_frame: usize,
+    /// Visual tokens per image (patches, plus CLS with the `full` strategy).
+    pub tokens_per_image: usize,
+    /// Width of the text model.
+    pub text_hidden: usize,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// Attention heads.
+    pub num_heads: usize,
+    /// Key/value heads (fewer than `num_heads` with grouped-query attention).
+    pub num_kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Rows of the logits.
+    pub vocab_size: usize,
+    /// Input image side in pixels.
+    pub image_size: usize,
+}
+
+/// One graph file and its interface.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GraphEntry {
+    /// File name of the `.onnx` graph, relative to the engine directory.
+    pub file: String,
+    /// Its SHA-256 (hex).
+    pub sha256: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// The external data file, if the weights live beside the graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataFile>,
+    /// Graph inputs in order.
+    pub inputs: Vec<TensorSpec>,
+    /// Graph outputs in order.
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// An external data file of a graph.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DataFile {
+    /// File name relative to the engine directory.
+    pub file: String,
+    /// Its SHA-256 (hex).
+    pub sha256: String,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// The graphs of an engine by role.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Graphs {
+    /// Video tower + projector.
+    pub vision: GraphEntry,
+    /// Image tower + projector.
+    pub image: GraphEntry,
+    /// Token embedding lookup.
+    pub embed: GraphEntry,
+    /// The language model with its KV cache.
+    pub decoder: GraphEntry,
+}
+
+impl Graphs {
+    /// All graphs with their role names.
+    pub fn iter(&self) -> [(&'static str, &GraphEntry); 4] {
+        [("vision", &self.vision), ("image", &self.image), ("embed", &self.embed), ("decoder", &self.decoder)]
+    }
+}
+
+/// Element types at graph boundaries.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    /// 32-bit float.
+    F32,
+    /// 16-bit float.
+    F16,
+    /// 64-bit signed integer.
+    I64,
+}
+
+/// One axis of a tensor: a fixed size or a named symbolic size.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum Dim {
+    /// A size fixed in the graph.
+    Fixed(i64),
+    /// A size chosen at run time, by name.
+    Symbolic(String),
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dim::Fixed(n) => write!(f, "{n}"),
+            Dim::Symbolic(s) => f.write_str(s),
+        }
+    }
+}
+
+/// Name, element type and shape of a graph input or output.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// Tensor name in the graph.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape, axis by axis.
+    pub shape: Vec<Dim>,
+}
+
+impl TensorSpec {
+    /// A spec from a name, a type and axes.
+    pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<Dim>) -> Self {
+        Self { name: name.into(), dtype, shape }
+    }
+}
+
+impl fmt::Display for TensorSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dims: Vec<String> = self.shape.iter().map(ToString::to_string).collect();
+        write!(f, "{} {:?} [{}]", self.name, self.dtype, dims.join(", "))
+    }
+}
+
+/// Special token ids.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SpecialTokens {
+    /// Beginning of sequence, prepended to the first turn.
+    pub bos: u32,
+    /// End of sequence, ends an answer.
+    pub eos: u32,
+    /// Padding.
+    #[serde(default)]
+    pub pad: Option<u32>,
+    /// The image placeholder.
+    pub image: u32,
+    /// The video placeholder.
+    pub video: u32,
+}
+
+/// How prompts are laid out (llava_v1 style in the Hugging Face port).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatTemplate {
+    /// Optional system line put before the first turn.
+    #[serde(default)]
+    pub system: String,
+    /// First turn with a video; `{video}` marks the visual tokens, `{question}` the question.
+    pub first_turn_video: String,
+    /// First turn with an image.
+    pub first_turn_image: String,
+    /// First turn with text only.
+    pub first_turn_text: String,
+    /// Appended after an answer to ask a follow-up question.
+    pub next_turn: String,
+    /// Text that ends an answer in the conversation history.
+    pub answer_end: String,
+    /// The placeholder text that the tokenizer maps to the video token.
+    pub video_placeholder: String,
+    /// The placeholder text that the tokenizer maps to the image token.
+    pub image_placeholder: String,
+}
+
+/// Frame sampling rules.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum FrameSamplingRule {
+    /// `numpy.linspace(0, n - 1, frames).astype(int)`, as the original Video-LLaVA.
+    LinspaceTruncate,
+}
+
+/// How inputs become pixel values.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Preprocess {
+    /// Frames sampled per video.
+    pub frames: usize,
+    /// Which frames.
+    pub sampling: FrameSamplingRule,
+    /// Resize, crop and normalization.
+    pub image: PreprocessConfig,
+}
+
+impl Manifest {
+    /// Reads and validates `manifest.yaml` in `engine_dir`.
+    pub fn load(engine_dir: &Path) -> Result<Self> {
+        let path = engine_dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let manifest: Manifest = serde_norway::from_str(&text)
+            .map_err(|e| Error::Manifest { path: path.clone(), message: e.to_string() })?;
+        if manifest.schema_version != SCHEMA_VERSION {
+            return Err(Error::Manifest {
+                path,
+                message: format!(
+                    "schema version {} but this runtime reads {SCHEMA_VERSION}; re-export with this toolkit",
+                    manifest.schema_version
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Writes it as `manifest.yaml` into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = serde_norway::to_string(self)
+            .map_err(|e| Error::Manifest { path: path.clone(), message: e.to_string() })?;
+        std::fs::write(&path, text).map_err(|e| Error::io(&path, e))
+    }
+
+    /// The decoder's past key/value inputs by layer, checked to follow the naming convention.
+    pub fn kv_input_names(&self) -> Vec<(String, String)> {
+        (0..self.model.num_layers)
+            .map(|i| (format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")))
+            .collect()
+    }
+}

@@ -18,7 +18,7 @@ setup:
 # The Python reference (torch + transformers, ~3 GB), kept out of `make test`.
 oracle-setup:
 	@test -x $(ORACLE)/bin/python || python3 -m venv $(ORACLE)
-	$(ORACLE)/bin/pip install -q torch transformers safetensors accelerate pillow numpy onnx onnxruntime==$(ORT_VERSION) tokenizers
+	$(ORACLE)/bin/pip install -q torch torchvision transformers safetensors accelerate pillow numpy onnx onnxruntime==$(ORT_VERSION) tokenizers
 
 build:
 	$(CARGO) build --release --workspace

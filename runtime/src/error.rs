@@ -28,6 +28,55 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A graph file disagrees with the manifest (inputs, outputs, types or shapes).
+    #[error("{path}: does not match manifest.yaml: {message}")]
+    GraphMismatch {
+        /// The graph file.
+        path: PathBuf,
+        /// The difference.
+        message: String,
+    },
+    /// A graph or data file's SHA-256 differs from the manifest's (altered or truncated).
+    #[error("{path}: SHA-256 {found} differs from the manifest's {expected}; the engine was altered or is incomplete")]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// Hash in the manifest.
+        expected: String,
+        /// Hash of the file.
+        found: String,
+    },
+    /// ONNX Runtime could not create a session for a graph.
+    #[error("{path}: ONNX Runtime could not load it: {source}")]
+    Session {
+        /// The graph file.
+        path: PathBuf,
+        /// What ONNX Runtime said.
+        #[source]
+        source: ort::Error,
+    },
+    /// The tokenizer could not be loaded or failed on a text.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The prompt and answer would not fit the model's context.
+    #[error("the prompt needs {needed} tokens (with up to {max_new} new ones) but the context holds {limit}")]
+    ContextOverflow {
+        /// Tokens the request would need.
+        needed: usize,
+        /// New tokens asked for.
+        max_new: usize,
+        /// The context length.
+        limit: usize,
+    },
+    /// The request itself is invalid (bad sampling parameters, wrong pixel tensor shape, ...).
+    #[error("{0}")]
+    Request(String),
+    /// Sampling parameters are invalid.
+    #[error(transparent)]
+    Sampling(#[from] crate::sampling::SamplingError),
+    /// Incremental detokenization failed.
+    #[error(transparent)]
+    Stream(#[from] crate::stream::StreamError),
     /// Decoding or preprocessing a video or image failed.
     #[error(transparent)]
     Video(#[from] crate::video::VideoError),

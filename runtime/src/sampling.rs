@@ -392,6 +392,35 @@ mod tests {
         assert!(seen[0] > 0 && seen[1] > 0);
     }
 
+    /// transformers' `TopPLogitsWarper` written plainly: full ascending sort, cumulative sum.
+    fn reference_top_p(logits: &[f32], top_p: f32) -> Vec<bool> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f64> = logits.iter().map(|&x| f64::from((x - max).exp())).collect();
+        let total: f64 = weights.iter().sum();
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[a].total_cmp(&logits[b]));
+        let mut kept = vec![true; logits.len()];
+        let mut cumulative = 0.0;
+        for &index in &order[..order.len() - 1] {
+            cumulative += weights[index] / total;
+            kept[index] = cumulative > 1.0 - f64::from(top_p);
+        }
+        kept
+    }
+
+    #[test]
+    fn top_p_on_a_large_vocabulary_matches_the_plain_algorithm() {
+        let logits: Vec<f32> =
+            (0..5000_u64).map(|i| ((i * 2_654_435_761 % 10_007) as f32 / 10_007.0).powi(3) * 12.0).collect();
+        for top_p in [0.05, 0.5, 0.9, 0.99, 0.999_999] {
+            let mut s = sampler(SamplingParams { top_p, ..sampling(1.0, 1) });
+            let mut processed = logits.clone();
+            s.sample(&mut processed, &[]);
+            let kept: Vec<bool> = processed.iter().map(|x| x.is_finite()).collect();
+            assert_eq!(kept, reference_top_p(&logits, top_p), "top_p {top_p}");
+        }
+    }
+
     #[test]
     fn repetition_penalty_flips_the_choice() {
         let params = SamplingParams { repetition_penalty: 2.0, ..Default::default() };

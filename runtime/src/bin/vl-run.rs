@@ -1,1 +1,202 @@
-fn main() {}
+//! `vl-run`: ask a Video-LLaVA engine about a video, an image or pixel values; streams the answer.
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+use vl_runtime::sampling::SamplingParams;
+use vl_runtime::{
+    Answer, Device, Flow, GenerateOptions, Media, Pipeline, PipelineOptions, SessionOptions, TokenEvent, Verify,
+};
+
+#[derive(Parser)]
+#[command(version, about = "Answer questions about a video with a Video-LLaVA engine exported by vl-export")]
+struct Cli {
+    /// Engine directory written by `vl-export build`.
+    #[arg(long, env = "VL_ENGINE")]
+    engine: PathBuf,
+    /// Video file (mp4, mkv, webm, avi, mov, gif).
+    #[arg(long, conflicts_with_all = ["image", "pixel_values"])]
+    video: Option<PathBuf>,
+    /// Image file (jpg, png, webp).
+    #[arg(long, conflicts_with = "pixel_values")]
+    image: Option<PathBuf>,
+    /// Preprocessed video pixel values, float32 [frames, 3, H, W] or [1, frames, 3, H, W] (.npy).
+    #[arg(long)]
+    pixel_values: Option<PathBuf>,
+    /// The question; without it, an interactive chat on stdin.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep the k most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Penalty for repeated tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when the answer contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Generate past end-of-sequence until --max-new-tokens (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Where to run.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// GPU ordinal for cuda/tensorrt.
+    #[arg(long, default_value_t = 0)]
+    device_id: i32,
+    /// Intra-op threads (default: one per core).
+    #[arg(long, env = "VL_THREADS")]
+    threads: Option<usize>,
+    /// Rehash every graph file instead of trusting the verification cache.
+    #[arg(long)]
+    verify_all: bool,
+    /// One JSON object per line: tokens as they come, then the answer with timings.
+    #[arg(long)]
+    json: bool,
+    /// Print timings and peak memory after each answer (stderr).
+    #[arg(long)]
+    stats: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Tensorrt,
+}
+
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+fn print_stats(answer: &Answer) {
+    let t = &answer.timings;
+    let rss = peak_rss_mb().map(|m| format!("{m:.0} MB")).unwrap_or_else(|| "n/a".into());
+    eprintln!(
+        "[stats] preprocess {:.1} ms | vision {:.1} ms | prefill {:.1} ms | time to first token {:.1} ms | \
+         {:.2} ms/token ({:.1} tokens/s, {} tokens) | peak RSS {rss}",
+        t.preprocess_ms,
+        t.vision_ms,
+        t.prefill_ms,
+        t.time_to_first_token_ms,
+        t.ms_per_token(),
+        t.tokens_per_second(),
+        answer.token_ids.len()
+    );
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let device = match cli.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::Cuda { device_id: cli.device_id },
+        DeviceArg::Tensorrt => Device::TensorRt { device_id: cli.device_id },
+    };
+    let options = PipelineOptions {
+        session: SessionOptions { device, threads: cli.threads, ..SessionOptions::default() },
+        verify: if cli.verify_all { Verify::Always } else { Verify::Cached },
+        ..PipelineOptions::default()
+    };
+    let spinner = loading_spinner();
+    let pipeline = Pipeline::load(&cli.engine, options)
+        .with_context(|| format!("loading the engine in {}", cli.engine.display()))?;
+    spinner.finish_and_clear();
+    let media = match (&cli.video, &cli.image, &cli.pixel_values) {
+        (Some(v), _, _) => Media::VideoFile(v.clone()),
+        (_, Some(i), _) => Media::ImageFile(i.clone()),
+        (_, _, Some(p)) => Media::PixelValuesFile(p.clone()),
+        _ => Media::Text,
+    };
+    let generate = GenerateOptions {
+        sampling: SamplingParams {
+            temperature: cli.temperature,
+            top_k: cli.top_k,
+            top_p: cli.top_p,
+            repetition_penalty: cli.repetition_penalty,
+            seed: cli.seed,
+        },
+        max_new_tokens: cli.max_new_tokens,
+        stop: cli.stop.clone(),
+        ignore_eos: cli.ignore_eos,
+    };
+    let mut chat = pipeline.conversation(media)?;
+    let questions: Box<dyn Iterator<Item = std::io::Result<String>>> = match &cli.prompt {
+        Some(p) => Box::new(std::iter::once(Ok(p.clone()))),
+        None => {
+            eprintln!("Ask about the input; an empty line or end of input quits.");
+            Box::new(std::io::stdin().lock().lines())
+        }
+    };
+    let interactive = cli.prompt.is_none();
+    for question in questions {
+        let question = question.context("reading stdin")?;
+        if question.trim().is_empty() {
+            break;
+        }
+        let answer = ask(&mut chat, &question, &generate, cli.json)?;
+        if cli.stats {
+            print_stats(&answer);
+        }
+        if !interactive {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn ask(chat: &mut vl_runtime::Conversation<'_>, question: &str, opts: &GenerateOptions, as_json: bool) -> Result<Answer> {
+    let mut out = std::io::stdout().lock();
+    let mut write_err: Option<std::io::Error> = None;
+    let mut on_token = |t: TokenEvent<'_>| {
+        let res = if as_json {
+            writeln!(out, "{}", json!({"token": t.id, "text": t.text}))
+        } else {
+            write!(out, "{}", t.text).and_then(|_| out.flush())
+        };
+        match res {
+            Ok(()) => Flow::Continue,
+            Err(e) => {
+                write_err = Some(e);
+                Flow::Stop
+            }
+        }
+    };
+    let answer = chat.ask(question, opts, &mut on_token)?;
+    if let Some(e) = write_err {
+        bail!("writing the answer: {e}");
+    }
+    let mut out = std::io::stdout().lock();
+    if as_json {
+        writeln!(out, "{}", json!({"answer": answer.text, "token_ids": answer.token_ids, "finish": answer.finish, "timings": answer.timings, "peak_rss_mb": peak_rss_mb()}))?;
+    } else {
+        writeln!(out)?;
+    }
+    Ok(answer)
+}
+
+fn loading_spinner() -> Arc<indicatif::ProgressBar> {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return Arc::new(indicatif::ProgressBar::hidden());
+    }
+    let bar = indicatif::ProgressBar::new_spinner().with_message("loading the engine");
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    Arc::new(bar)
+}

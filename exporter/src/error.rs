@@ -35,7 +35,7 @@ pub enum Error {
     Safetensors {
         /// The shard.
         path: PathBuf,
-        /// What the parser said.
+        /// What is wrong, naming the tensor at fault where one can be found.
         message: String,
     },
     /// A tensor the model needs is not in the checkpoint.

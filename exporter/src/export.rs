@@ -11,7 +11,7 @@ use vl_runtime::manifest::{
     ChatTemplate, DataFile, FrameSamplingRule, GraphEntry, Graphs, Manifest, ModelDims, Precision, Preprocess,
     SCHEMA_VERSION, Source, SpecialTokens, Target,
 };
-use vl_runtime::preprocess::{PreprocessConfig, Resample};
+use vl_runtime::preprocess::{CLIP_MEAN, CLIP_STD, PreprocessConfig, Resample};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{Error, Result};
@@ -118,15 +118,26 @@ fn check_destination(out: &Path) -> Result<()> {
     )))
 }
 
+/// Renames the staged engine to `out`, replacing an engine there. On failure the old engine is
+/// back at `out` and the staging directory is removed (when `tmp` drops).
 fn move_into_place(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
-    let staged = tmp.keep();
-    if out.exists() {
-        let old = parent_dir(out).join(format!(".vl-export-old-{}", std::process::id()));
-        std::fs::rename(out, &old).map_err(|e| Error::io(out, e))?;
-        std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    } else {
-        std::fs::rename(&staged, out).map_err(|e| Error::io(out, e))?;
+    // The old engine is parked under the staging directory's name plus `.old`: unique, since
+    // tempfile reserved that name for this export alone.
+    let mut parked = tmp.path().as_os_str().to_owned();
+    parked.push(".old");
+    let old = out.exists().then(|| PathBuf::from(parked));
+    if let Some(old) = &old {
+        std::fs::rename(out, old).map_err(|e| Error::io(out, e))?;
+    }
+    if let Err(e) = std::fs::rename(tmp.path(), out) {
+        if let Some(old) = &old {
+            std::fs::rename(old, out).map_err(|e| Error::io(old, e))?;
+        }
+        return Err(Error::io(out, e));
+    }
+    let _ = tmp.keep();
+    if let Some(old) = &old {
+        std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
     }
     Ok(())
 }
@@ -188,8 +199,8 @@ fn preprocess_config(ck: &Checkpoint, assumptions: &mut Vec<String>) -> Result<P
     let mut cfg = PreprocessConfig {
         size: side,
         crop: side,
-        mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
-        std: [0.268_629_54, 0.261_302_58, 0.275_777_1],
+        mean: CLIP_MEAN,
+        std: CLIP_STD,
         rescale: 1.0 / 255.0,
         resample: Resample::Bicubic,
     };

@@ -145,18 +145,34 @@ impl LanguageModel<'_> {
 
     /// Feeds `ids` (splicing visual features in) and returns the last position's logits.
     pub fn forward(&self, kv: &mut KvCache, ids: &[u32], splice: Option<&Splice<'_>>) -> Result<Vec<f32>> {
+        self.forward_logits(kv, ids, splice, 1)
+    }
+
+    /// Like [`Self::forward`], returning the logits of the last `keep` positions (row-major
+    /// `[keep, vocab]`), e.g. every position for teacher-forced evaluation.
+    pub fn forward_logits(
+        &self,
+        kv: &mut KvCache,
+        ids: &[u32],
+        splice: Option<&Splice<'_>>,
+        keep: usize,
+    ) -> Result<Vec<f32>> {
+        if keep == 0 || keep > ids.len() {
+            return Err(Error::Request(format!("logits for {keep} of {} positions", ids.len())));
+        }
         let mut embeds = self.embed(ids)?;
         if let Some(s) = splice {
             splice_features(&mut embeds, ids, s)?;
         }
         let past = kv.len();
         let total = past + ids.len();
-        let mask = self
-            .mask_ones
-            .get(..total)
-            .ok_or(Error::ContextOverflow { needed: total, max_new: 0, limit: self.mask_ones.len() })?;
+        let mask = self.mask_ones.get(..total).ok_or(Error::ContextOverflow {
+            needed: total,
+            max_new: 0,
+            limit: self.mask_ones.len(),
+        })?;
         let positions: Vec<i64> = (past as i64..total as i64).collect();
-        let keep = [1i64];
+        let keep = [keep as i64];
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
             ("inputs_embeds".into(), TensorRef::from_array_view(&embeds)?.into()),
             ("attention_mask".into(), TensorRef::from_array_view(([1usize, total], mask))?.into()),

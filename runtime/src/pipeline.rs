@@ -236,7 +236,9 @@ impl Pipeline {
         }
     }
 
-    fn language_model(&self) -> LanguageModel<'_> {
+    /// The embedding and decoder graphs, for callers that drive the decoder themselves
+    /// (evaluation, benchmarks).
+    pub fn language_model(&self) -> LanguageModel<'_> {
         LanguageModel { embed: &self.embed, decoder: &self.decoder, mask_ones: &self.mask_ones }
     }
 

@@ -27,6 +27,7 @@ use crate::video::{RgbFrame, VideoError};
 /// OpenAI CLIP normalization mean (RGB), as in transformers' `OPENAI_CLIP_MEAN`.
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 /// OpenAI CLIP normalization std (RGB), as in transformers' `OPENAI_CLIP_STD`.
+#[allow(clippy::excessive_precision)] // the digits of the published CLIP config
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
 /// The resampling filter for the resize.
@@ -232,9 +233,9 @@ fn crop_normalize(resized: &[u8], width: u32, height: u32, cfg: &PreprocessConfi
         for x in 0..crop {
             let src_x = left + x as i64;
             let inside = (0..i64::from(height)).contains(&src_y) && (0..i64::from(width)).contains(&src_x);
-            let base = (src_y * i64::from(width) + src_x) as usize * 3;
+            let pixel = inside.then(|| (src_y * i64::from(width) + src_x) as usize * 3);
             for c in 0..3 {
-                let level = if inside { resized[base + c] } else { 0 };
+                let level = pixel.map_or(0, |p| resized[p + c]);
                 out[c * plane + y * crop + x] = table[c][usize::from(level)];
             }
         }

@@ -44,12 +44,8 @@ impl<'a> PromptBuilder<'a> {
     pub fn first_turn(&self, slot: VisualSlot, question: &str) -> Result<Vec<u32>> {
         let t = self.template;
         let text = match slot {
-            VisualSlot::Video { tokens } => {
-                t.first_turn_video.replace("{video}", &t.video_placeholder.repeat(tokens))
-            }
-            VisualSlot::Image { tokens } => {
-                t.first_turn_image.replace("{image}", &t.image_placeholder.repeat(tokens))
-            }
+            VisualSlot::Video { tokens } => t.first_turn_video.replace("{video}", &t.video_placeholder.repeat(tokens)),
+            VisualSlot::Image { tokens } => t.first_turn_image.replace("{image}", &t.image_placeholder.repeat(tokens)),
             VisualSlot::None => t.first_turn_text.clone(),
         };
         let text = format!("{}{}", t.system, text.replace("{question}", question));

@@ -71,10 +71,9 @@ fn files(manifest: &Manifest) -> Vec<(&str, u64, &str)> {
 pub fn verify_engine(dir: &Path, manifest: &Manifest, mode: Verify) -> Result<()> {
     let cache_path = dir.join(CACHE_FILE);
     let mut cache: BTreeMap<String, Stamp> = match mode {
-        Verify::Cached => std::fs::read_to_string(&cache_path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default(),
+        Verify::Cached => {
+            std::fs::read_to_string(&cache_path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default()
+        }
         _ => BTreeMap::new(),
     };
     let before = cache.clone();

@@ -566,14 +566,23 @@ fn decode_frames_with(path: &Path, info: &VideoInfo, indices: &[usize]) -> Resul
     }
     let distinct: Vec<usize> = indices.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
     let decoded = run_ffmpeg_select(path, info, &distinct)?;
-    let by_index: HashMap<usize, &RgbFrame> = distinct.iter().copied().zip(decoded.iter()).collect();
-    indices
+    Ok(spread(&distinct, decoded, indices))
+}
+
+/// Maps frames decoded for the sorted `distinct` indices back onto `indices`, moving each
+/// frame into its last use and cloning only for repeats (a 4K frame is 25 MB).
+fn spread(distinct: &[usize], decoded: Vec<RgbFrame>, indices: &[usize]) -> Vec<RgbFrame> {
+    let mut uses = vec![0usize; distinct.len()];
+    let slot_of: Vec<usize> = indices.iter().map(|i| distinct.binary_search(i).unwrap_or_default()).collect();
+    for &k in &slot_of {
+        uses[k] += 1;
+    }
+    let mut slots: Vec<Option<RgbFrame>> = decoded.into_iter().map(Some).collect();
+    slot_of
         .iter()
-        .map(|i| {
-            by_index.get(i).map(|f| (*f).clone()).ok_or_else(|| VideoError::UnexpectedFrame {
-                path: path.to_path_buf(),
-                detail: format!("frame {i} missing after decode"),
-            })
+        .filter_map(|&k| {
+            uses[k] -= 1;
+            if uses[k] == 0 { slots[k].take() } else { slots[k].clone() }
         })
         .collect()
 }
@@ -754,6 +763,14 @@ mod tests {
         assert_eq!(info.display_size(), (136, 240));
         info.rotation = 180;
         assert_eq!(info.display_size(), (240, 136));
+    }
+
+    #[test]
+    fn spread_repeats_and_moves_frames() {
+        let f = |v: u8| RgbFrame::new(1, 1, vec![v; 3]).expect("frame");
+        let out = spread(&[0, 5], vec![f(0), f(5)], &[5, 0, 0, 5, 5]);
+        let firsts: Vec<u8> = out.iter().map(|fr| fr.data()[0]).collect();
+        assert_eq!(firsts, vec![5, 0, 0, 5, 5]);
     }
 
     #[test]

@@ -336,20 +336,20 @@ impl RawConfig {
             }
         }
         let kv_heads = t.num_key_value_heads.unwrap_or(t.num_attention_heads);
-        if kv_heads == 0 || t.num_attention_heads % kv_heads != 0 {
+        if kv_heads == 0 || !t.num_attention_heads.is_multiple_of(kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {kv_heads}",
                 t.num_attention_heads
             )));
         }
         let head_dim = t.head_dim.unwrap_or(t.hidden_size / t.num_attention_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(bad(format!("head_dim {head_dim} must be even for rotary embeddings")));
         }
-        if v.hidden_size % v.num_attention_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(bad("vision hidden_size is not a multiple of its heads".into()));
         }
-        if v.image_size % v.patch_size != 0 {
+        if !v.image_size.is_multiple_of(v.patch_size) {
             return Err(bad(format!("image_size {} is not a multiple of patch_size {}", v.image_size, v.patch_size)));
         }
         let rope = resolve_rope(t, path)?;

@@ -51,6 +51,42 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(Error::Invalid(format!("{}: no model.safetensors and no model.safetensors.index.json", dir.display())))
 }
 
+/// Why the safetensors parser rejected `file`, naming the tensor at fault where one can be found.
+///
+/// The parser checks offsets in file order, so a tensor pointing past the end is reported as a
+/// bad offset of its neighbour and a truncated file as "not fully covered"; both are worded here.
+fn explain(file: &[u8], err: safetensors::SafeTensorError) -> String {
+    let header_len = file.get(..8).and_then(|n| n.try_into().ok()).map(u64::from_le_bytes);
+    let Some(header_len) = header_len.and_then(|n| usize::try_from(n).ok()) else {
+        return format!("{} bytes, too short for a header ({err})", file.len());
+    };
+    let Some(header) = file.get(8..).and_then(|rest| rest.get(..header_len)) else {
+        return format!(
+            "header of {header_len} bytes runs past the end of the {}-byte file; truncated? ({err})",
+            file.len()
+        );
+    };
+    let data_len = (file.len() - 8 - header_len) as u64;
+    let Ok(tensors) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(header) else {
+        return err.to_string();
+    };
+    let offsets = |info: &serde_json::Value| -> Option<(u64, u64)> {
+        let o = info.get("data_offsets")?;
+        Some((o.get(0)?.as_u64()?, o.get(1)?.as_u64()?))
+    };
+    let past_end = tensors
+        .iter()
+        .filter_map(|(name, info)| offsets(info).map(|(start, end)| (name, start, end)))
+        .filter(|&(_, _, end)| end > data_len)
+        .min_by_key(|&(_, start, _)| start);
+    match past_end {
+        Some((name, start, end)) => format!(
+            "tensor {name} lies at data bytes {start}..{end}, past the end of the {data_len} bytes of data; truncated?"
+        ),
+        None => err.to_string(),
+    }
+}
+
 impl TensorStore {
     /// Maps every shard of the checkpoint in `dir` and indexes its tensors.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -62,7 +98,7 @@ impl TensorStore {
             // the user's race, and at worst gives wrong weights, never memory unsafety in Rust.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
             let bad =
-                |e: safetensors::SafeTensorError| Error::Safetensors { path: path.clone(), message: e.to_string() };
+                |e: safetensors::SafeTensorError| Error::Safetensors { path: path.clone(), message: explain(&map, e) };
             let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(bad)?;
             let base = 8 + header_len;
             let shard = shards.len();

@@ -22,8 +22,6 @@ pub enum Attr {
     Ints(Vec<i64>),
     /// One float.
     Float(f32),
-    /// A constant tensor (for `ConstantOfShape`).
-    Tensor(TensorProto),
 }
 
 /// Inputs and outputs of a graph, as the manifest records them.
@@ -91,10 +89,6 @@ fn attribute(name: &str, attr: Attr) -> AttributeProto {
         Attr::Float(f) => {
             a.r#type = Some(AttributeType::Float as i32);
             a.f = Some(f);
-        }
-        Attr::Tensor(t) => {
-            a.r#type = Some(AttributeType::Tensor as i32);
-            a.t = Some(t);
         }
     }
     a

@@ -143,16 +143,16 @@ impl SynthSpec {
 
     fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Invalid(m));
-        if self.heads == 0 || self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+        if self.heads == 0 || self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return bad(format!("heads {} must be a multiple of kv heads {}", self.heads, self.kv_heads));
         }
-        if self.text_hidden % self.heads != 0 || (self.text_hidden / self.heads) % 2 != 0 {
+        if !self.text_hidden.is_multiple_of(self.heads) || !(self.text_hidden / self.heads).is_multiple_of(2) {
             return bad(format!("text width {} must split into {} heads of even width", self.text_hidden, self.heads));
         }
-        if self.vision_heads == 0 || self.vision_hidden % self.vision_heads != 0 {
+        if self.vision_heads == 0 || !self.vision_hidden.is_multiple_of(self.vision_heads) {
             return bad(format!("vision width {} must split into {} heads", self.vision_hidden, self.vision_heads));
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return bad(format!("image size {} must be a multiple of patch {}", self.image_size, self.patch_size));
         }
         if self.vision_layers == 0 || self.text_layers == 0 {

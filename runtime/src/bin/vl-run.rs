@@ -162,7 +162,12 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-fn ask(chat: &mut vl_runtime::Conversation<'_>, question: &str, opts: &GenerateOptions, as_json: bool) -> Result<Answer> {
+fn ask(
+    chat: &mut vl_runtime::Conversation<'_>,
+    question: &str,
+    opts: &GenerateOptions,
+    as_json: bool,
+) -> Result<Answer> {
     let mut out = std::io::stdout().lock();
     let mut write_err: Option<std::io::Error> = None;
     let mut on_token = |t: TokenEvent<'_>| {
@@ -185,7 +190,11 @@ fn ask(chat: &mut vl_runtime::Conversation<'_>, question: &str, opts: &GenerateO
     }
     let mut out = std::io::stdout().lock();
     if as_json {
-        writeln!(out, "{}", json!({"answer": answer.text, "token_ids": answer.token_ids, "finish": answer.finish, "timings": answer.timings, "peak_rss_mb": peak_rss_mb()}))?;
+        writeln!(
+            out,
+            "{}",
+            json!({"answer": answer.text, "token_ids": answer.token_ids, "finish": answer.finish, "timings": answer.timings, "peak_rss_mb": peak_rss_mb()})
+        )?;
     } else {
         writeln!(out)?;
     }

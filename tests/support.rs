@@ -1,0 +1,60 @@
+//! Shared helpers of the end-to-end tests: the fixture checkpoints, built once per process.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use vl_export::export::{BuildOptions, build};
+use vl_export::synth::{Preset, SynthSpec, synthesize};
+
+/// The fixture cases: name and the synth spec the goldens were made from.
+/// `make goldens` synthesizes the same specs with `vl-export synth` (see tools/make_goldens.sh).
+pub fn case_spec(name: &str) -> SynthSpec {
+    let tiny = SynthSpec::preset(Preset::Tiny);
+    match name {
+        "tiny" => tiny,
+        "tiny-gqa" => SynthSpec { kv_heads: 2, feature_layers: vec![-3, -1], ..tiny },
+        other => panic!("unknown fixture case {other}"),
+    }
+}
+
+/// `tests/fixtures/NAME`.
+pub fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// A checkpoint and its exported engine, in a directory that lives as long as the process.
+pub struct Built {
+    /// Checkpoint directory.
+    pub checkpoint: PathBuf,
+    /// Engine directory.
+    pub engine: PathBuf,
+}
+
+fn scratch() -> &'static Path {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
+}
+
+/// Synthesizes and exports fixture case `name` once per test process.
+pub fn built(name: &str) -> &'static Built {
+    static CASES: OnceLock<std::sync::Mutex<std::collections::HashMap<String, &'static Built>>> = OnceLock::new();
+    let cases = CASES.get_or_init(Default::default);
+    let mut cases = cases.lock().unwrap();
+    if let Some(b) = cases.get(name) {
+        return b;
+    }
+    let checkpoint = scratch().join(format!("{name}-ckpt"));
+    let engine = scratch().join(format!("{name}-engine"));
+    synthesize(&case_spec(name), &checkpoint).expect("synthesize");
+    build(&BuildOptions::new(checkpoint.clone(), engine.clone())).expect("export");
+    let b: &'static Built = Box::leak(Box::new(Built { checkpoint, engine }));
+    cases.insert(name.to_string(), b);
+    b
+}
+
+/// Largest absolute difference of two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}

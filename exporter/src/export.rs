@@ -8,15 +8,16 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use vl_runtime::manifest::{
-    ChatTemplate, DataFile, FrameSamplingRule, GraphEntry, Graphs, Manifest, ModelDims, Precision, Preprocess,
-    SCHEMA_VERSION, Source, SpecialTokens, Target,
+    ChatTemplate, CheckpointLayout, DataFile, FrameSamplingRule, GraphEntry, Graphs, Manifest, ModelDims,
+    PlaceholderStyle, Precision, Preprocess, SCHEMA_VERSION, Source, SpecialTokens,
 };
-use vl_runtime::preprocess::{CLIP_MEAN, CLIP_STD, PreprocessConfig, Resample};
+use vl_runtime::preprocess::{CLIP_MEAN, CLIP_STD, PreprocessConfig, PreprocessRecipe, Resample};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, IMAGE_MARKER, TowerDirs};
 use crate::error::{Error, Result};
 use crate::graphs::{GraphKind, vision};
 use crate::onnx::{ExternalData, GraphBuilder};
+use crate::precision::Plan;
 
 /// Frames per video in Video-LLaVA.
 pub const NUM_FRAMES: usize = 8;
@@ -32,14 +33,18 @@ pub struct BuildOptions {
     pub out: PathBuf,
     /// Numeric precision.
     pub precision: Precision,
+    /// Weights per quantization block for the weight-only precisions.
+    pub block_size: usize,
     /// Show a progress bar (only on a terminal).
     pub progress: bool,
+    /// Tower config directories of an original-layout checkpoint (`--video-tower`, `--image-tower`).
+    pub towers: TowerDirs,
 }
 
 impl BuildOptions {
     /// fp32 export of `model` into `out`.
     pub fn new(model: PathBuf, out: PathBuf) -> Self {
-        Self { model, out, precision: Precision::Fp32, progress: false }
+        Self { model, out, precision: Precision::Fp32, block_size: 32, progress: false, towers: TowerDirs::default() }
     }
 }
 
@@ -52,12 +57,15 @@ pub struct BuildReport {
     pub graphs: Vec<(String, Duration)>,
     /// Wall time.
     pub elapsed: Duration,
+    /// One line about the checkpoint's layout for the user (also in the manifest's assumptions).
+    pub notice: String,
 }
 
 /// Exports the checkpoint in `opts.model` to `opts.out`.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     let started = Instant::now();
-    let ck = Checkpoint::open(&opts.model)?;
+    let plan = Plan::new(opts.precision, opts.block_size)?;
+    let ck = Checkpoint::open_with(&opts.model, &opts.towers)?;
     let tokenizer_src = opts.model.join(TOKENIZER_FILE);
     if !tokenizer_src.is_file() {
         return Err(Error::Invalid(format!("{}: missing (the engine needs the tokenizer)", tokenizer_src.display())));
@@ -73,7 +81,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     for kind in GraphKind::ALL {
         let t0 = Instant::now();
         bar.set_message(format!("{}.onnx", kind.name()));
-        entries.push(write_graph(kind, &ck, tmp.path(), &bar)?);
+        entries.push(write_graph(kind, &ck, &plan, tmp.path(), &bar)?);
         let took = t0.elapsed();
         if bar.is_hidden() && opts.progress {
             eprintln!("wrote {}.onnx in {:.1} s", kind.name(), took.as_secs_f64());
@@ -86,10 +94,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
 
     let tokenizer_dst = tmp.path().join(TOKENIZER_FILE);
     std::fs::copy(&tokenizer_src, &tokenizer_dst).map_err(|e| Error::io(&tokenizer_dst, e))?;
-    let manifest = manifest(&ck, opts, Graphs { vision, image, embed, decoder })?;
+    let manifest = manifest(&ck, opts, &plan, Graphs { vision, image, embed, decoder })?;
     manifest.save(tmp.path())?;
     move_into_place(tmp, &opts.out)?;
-    Ok(BuildReport { manifest, graphs: timings, elapsed: started.elapsed() })
+    Ok(BuildReport { manifest, graphs: timings, elapsed: started.elapsed(), notice: ck.notice.clone() })
 }
 
 fn parent_dir(out: &Path) -> PathBuf {
@@ -159,12 +167,13 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
-fn write_graph(kind: GraphKind, ck: &Checkpoint, dir: &Path, bar: &ProgressBar) -> Result<GraphEntry> {
+fn write_graph(kind: GraphKind, ck: &Checkpoint, plan: &Plan, dir: &Path, bar: &ProgressBar) -> Result<GraphEntry> {
     let file = format!("{}.onnx", kind.name());
     let data_file = format!("{file}.data");
     let data = ExternalData::create(&dir.join(&data_file))?;
     let mut b = GraphBuilder::new(kind.name(), data);
     b.set_progress(bar.clone());
+    b.set_numerics(plan.numerics(kind));
     kind.build(&mut b, ck)?;
     let done = b.finish(env!("CARGO_PKG_VERSION"))?;
     let path = dir.join(&file);
@@ -190,6 +199,48 @@ pub fn hf_chat_template() -> ChatTemplate {
         answer_end: "</s>".into(),
         video_placeholder: "<video>".into(),
         image_placeholder: "<image>".into(),
+        placeholders: PlaceholderStyle::RepeatPerToken,
+    }
+}
+
+/// llava_v1's system line, as the original Video-LLaVA prompt starts (with its separator).
+pub const LLAVA_V1_SYSTEM: &str = "A chat between a curious human and an artificial intelligence assistant. \
+                                   The assistant gives helpful, detailed, and polite answers to the human's questions. ";
+
+/// The original Video-LLaVA prompt (llava_v1): the system line, then `USER: `, one `<image>`
+/// marker per frame joined by single spaces (or one for an image), `\n`, the question and
+/// ` ASSISTANT:`; the prompt is split on the markers (`tokenizer_image_token`).
+pub fn original_chat_template(frames: usize) -> ChatTemplate {
+    let video = vec![IMAGE_MARKER; frames].join(" ");
+    ChatTemplate {
+        system: LLAVA_V1_SYSTEM.into(),
+        first_turn_video: format!("USER: {video}\n{{question}} ASSISTANT:"),
+        first_turn_image: format!("USER: {IMAGE_MARKER}\n{{question}} ASSISTANT:"),
+        first_turn_text: "USER: {question} ASSISTANT:".into(),
+        next_turn: "USER: {question} ASSISTANT:".into(),
+        answer_end: "</s>".into(),
+        video_placeholder: IMAGE_MARKER.into(),
+        image_placeholder: IMAGE_MARKER.into(),
+        placeholders: PlaceholderStyle::SplitOnMarker,
+    }
+}
+
+/// The original transforms' settings: CLIP mean/std, `x / 255`, short side and crop at the
+/// tower's image size (224 for the 7B). Images and video frames share them.
+fn original_preprocess_config(ck: &Checkpoint, assumptions: &mut Vec<String>) -> PreprocessConfig {
+    let side = ck.config.vision.image_size as u32;
+    assumptions.push(format!(
+        "preprocessing: the original transforms at {side} px (video: x/255, normalize, bilinear short-side resize \
+         without antialias, center crop; image: pad to a square with the mean color, bicubic, crop, normalize), \
+         without the original's random horizontal flip of video frames"
+    ));
+    PreprocessConfig {
+        size: side,
+        crop: side,
+        mean: CLIP_MEAN,
+        std: CLIP_STD,
+        rescale: 1.0 / 255.0,
+        resample: Resample::Bilinear,
     }
 }
 
@@ -251,11 +302,18 @@ fn preprocess_config(ck: &Checkpoint, assumptions: &mut Vec<String>) -> Result<P
     Ok(cfg)
 }
 
-fn manifest(ck: &Checkpoint, opts: &BuildOptions, graphs: Graphs) -> Result<Manifest> {
+fn manifest(ck: &Checkpoint, opts: &BuildOptions, plan: &Plan, graphs: Graphs) -> Result<Manifest> {
     let c = &ck.config;
     let t = &c.text;
-    let mut assumptions = Vec::new();
-    let image = preprocess_config(ck, &mut assumptions)?;
+    let mut assumptions = vec![ck.notice.clone()];
+    assumptions.extend(ck.assumptions.iter().cloned());
+    let original = ck.layout == CheckpointLayout::Original;
+    let frames = c.vision.temporal.map_or(NUM_FRAMES, |t| t.frames);
+    let (image, recipe, chat_template) = if original {
+        (original_preprocess_config(ck, &mut assumptions), PreprocessRecipe::Original, original_chat_template(frames))
+    } else {
+        (preprocess_config(ck, &mut assumptions)?, PreprocessRecipe::HfProcessor, hf_chat_template())
+    };
     Ok(Manifest {
         schema_version: SCHEMA_VERSION,
         toolkit_version: env!("CARGO_PKG_VERSION").into(),
@@ -266,7 +324,7 @@ fn manifest(ck: &Checkpoint, opts: &BuildOptions, graphs: Graphs) -> Result<Mani
             weight_dtype: ck.store.dominant_dtype(),
         },
         model: ModelDims {
-            num_frames: NUM_FRAMES,
+            num_frames: frames,
             tokens_per_frame: c.vision.tokens(),
             tokens_per_image: vision::image_tokens(ck),
             text_hidden: t.hidden,
@@ -276,15 +334,17 @@ fn manifest(ck: &Checkpoint, opts: &BuildOptions, graphs: Graphs) -> Result<Mani
             head_dim: t.head_dim,
             vocab_size: t.vocab,
             image_size: c.vision.image_size,
+            kv_dtype: plan.kv_dtype(),
         },
         precision: opts.precision,
-        target: Target::Standard,
+        target: plan.target(),
         graphs,
         tokens: SpecialTokens { bos: t.bos, eos: t.eos, pad: t.pad, image: c.image_token, video: c.video_token },
-        chat_template: hf_chat_template(),
-        preprocess: Preprocess { frames: NUM_FRAMES, sampling: FrameSamplingRule::LinspaceTruncate, image },
+        chat_template,
+        preprocess: Preprocess { frames, sampling: FrameSamplingRule::LinspaceTruncate, image, recipe },
         max_sequence_length: t.max_positions,
         tokenizer: TOKENIZER_FILE.into(),
         assumptions,
+        numerics: plan.notes(),
     })
 }

@@ -10,9 +10,12 @@
 
 pub mod checkpoint;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod graphs;
 pub mod onnx;
+pub mod precision;
+pub mod quant;
 pub mod synth;
 
 pub use error::{Error, Result};

@@ -3,11 +3,12 @@
 //! The standard-ONNX decoder takes `past_key_values.*` and returns `present.*` = past followed by
 //! the new positions. The cache holds the `present` values ONNX Runtime allocated and hands them
 //! back as the next step's inputs by reference: nothing of the cache passes through host code.
+use half::f16;
 use ort::session::SessionOutputs;
 use ort::value::{DynValue, Tensor};
 
 use crate::error::{Error, Result};
-use crate::manifest::ModelDims;
+use crate::manifest::{DType, ModelDims};
 
 /// Per-layer keys and values of one conversation, and how many positions they hold.
 pub struct KvCache {
@@ -27,7 +28,12 @@ impl KvCache {
         let mut output_names = Vec::with_capacity(2 * dims.num_layers);
         for layer in 0..dims.num_layers {
             for part in ["key", "value"] {
-                values.push(Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn());
+                let empty = match dims.kv_dtype {
+                    DType::F16 => Tensor::<f16>::from_array((shape, Vec::<f16>::new()))?.into_dyn(),
+                    DType::F32 => Tensor::<f32>::from_array((shape, Vec::<f32>::new()))?.into_dyn(),
+                    DType::I64 => return Err(Error::Request("the manifest gives the KV cache an integer type".into())),
+                };
+                values.push(empty);
                 input_names.push(format!("past_key_values.{layer}.{part}"));
                 output_names.push(format!("present.{layer}.{part}"));
             }

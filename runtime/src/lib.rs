@@ -14,6 +14,7 @@
 //! ```
 #![warn(clippy::unwrap_used)]
 
+pub mod bench;
 pub mod error;
 pub mod generate;
 pub mod graph;

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::preprocess::PreprocessConfig;
+use crate::preprocess::{PreprocessConfig, PreprocessRecipe};
 
 /// The manifest schema this runtime reads and the exporter writes.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -42,6 +42,9 @@ pub struct Manifest {
     /// Choices made where the checkpoint was silent, one line each.
     #[serde(default)]
     pub assumptions: Vec<String>,
+    /// How the precision was realized (what stays in fp32, quantization settings), one line each.
+    #[serde(default)]
+    pub numerics: Vec<String>,
 }
 
 /// Where the weights came from.
@@ -65,6 +68,9 @@ pub enum CheckpointLayout {
     HfV5,
     /// Hugging Face port saved by transformers 4 (`video_tower.vision_model.encoder...`).
     HfV4,
+    /// The original Video-LLaVA checkpoint (`LlavaLlamaForCausalLM`: `model.layers...`,
+    /// `model.mm_projector.{0,2}`, LanguageBind towers under `model.{video,image}_tower.*`).
+    Original,
 }
 
 /// Numeric precision of the exported graphs.
@@ -73,13 +79,32 @@ pub enum CheckpointLayout {
 pub enum Precision {
     /// 32-bit float weights and activations.
     Fp32,
+    /// 16-bit float weights and activations; norms and softmax in fp32.
+    Fp16,
+    /// INT8 weights (per channel) and activations (per tensor, calibrated), SmoothQuant in the LLM.
+    Int8,
+    /// INT8 weights per block, float activations.
+    Int8Weight,
+    /// INT4 weights per block, float activations.
+    Int4Weight,
+}
+
+impl Precision {
+    /// The name used on the command line and in the manifest.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+            Precision::Int8Weight => "int8-weight",
+            Precision::Int4Weight => "int4-weight",
+        }
+    }
 }
 
 impl fmt::Display for Precision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Precision::Fp32 => "fp32",
-        })
+        f.write_str(self.name())
     }
 }
 
@@ -89,6 +114,9 @@ impl fmt::Display for Precision {
 pub enum Target {
     /// Standard ONNX operators only (opset 17) that TensorRT's ONNX parser supports.
     Standard,
+    /// Standard operators plus ONNX Runtime contrib operators (`MatMulNBits`): ONNX Runtime's
+    /// CPU and CUDA providers run it; TensorRT does not parse it.
+    OnnxRuntime,
 }
 
 /// Model dimensions the runtime relies on.
@@ -114,6 +142,13 @@ pub struct ModelDims {
     pub vocab_size: usize,
     /// Input image side in pixels.
     pub image_size: usize,
+    /// Element type of the KV cache (`past_key_values.*`, `present.*`).
+    #[serde(default = "default_kv_dtype")]
+    pub kv_dtype: DType,
+}
+
+fn default_kv_dtype() -> DType {
+    DType::F32
 }
 
 /// One graph file and its interface.
@@ -257,6 +292,24 @@ pub struct ChatTemplate {
     pub video_placeholder: String,
     /// The placeholder text that the tokenizer maps to the image token.
     pub image_placeholder: String,
+    /// How placeholders become visual token positions (older manifests: one per token).
+    #[serde(default)]
+    pub placeholders: PlaceholderStyle,
+}
+
+/// How a chat template's placeholders become the positions visual features are spliced into.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlaceholderStyle {
+    /// `{video}` / `{image}` become the placeholder text repeated once per visual token, and the
+    /// prompt is tokenized whole (the Hugging Face processor).
+    #[default]
+    RepeatPerToken,
+    /// The first-turn templates hold literal markers (`video_placeholder`, `image_placeholder`):
+    /// one per video frame, or one for the image. The prompt is split on the marker, each chunk is
+    /// tokenized with special tokens, only the first chunk's BOS is kept, and each marker becomes
+    /// one frame's (or the image's) visual tokens, as LLaVA's `tokenizer_image_token` does.
+    SplitOnMarker,
 }
 
 /// Frame sampling rules.
@@ -276,6 +329,9 @@ pub struct Preprocess {
     pub sampling: FrameSamplingRule,
     /// Resize, crop and normalization.
     pub image: PreprocessConfig,
+    /// Which implementation applies `image` (older manifests: the Hugging Face processors').
+    #[serde(default)]
+    pub recipe: PreprocessRecipe,
 }
 
 impl Manifest {

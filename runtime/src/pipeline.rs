@@ -16,8 +16,10 @@ use crate::generate::{
 use crate::graph::{Graph, SessionOptions};
 use crate::kv_cache::KvCache;
 use crate::manifest::{FrameSamplingRule, Manifest};
-use crate::preprocess::{load_pixel_values_npy, preprocess_image, preprocess_video};
+use crate::preprocess::load_pixel_values_npy;
 use crate::prompt::{PromptBuilder, VisualSlot};
+use crate::sampling::Sampler;
+use crate::stream::StopMatcher;
 use crate::verify::{Verify, verify_engine};
 use crate::video::{FrameSampling, load_image, load_video};
 
@@ -132,6 +134,7 @@ impl Pipeline {
             kv: KvCache::new(&self.manifest.model)?,
             history: Vec::new(),
             unfed: None,
+            broken: false,
         })
     }
 
@@ -186,12 +189,12 @@ impl Pipeline {
                     FrameSamplingRule::LinspaceTruncate => FrameSampling::Uniform,
                 };
                 let video = load_video(path, sampling, pre.frames)?;
-                (PixelTensor::Video(Arc::new(preprocess_video(&video.frames, &pre.image)?)), true)
+                (PixelTensor::Video(Arc::new(pre.recipe.video(&video.frames, &pre.image)?)), true)
             }
             Media::PixelValuesFile(path) => (PixelTensor::Video(Arc::new(load_pixel_values_npy(path)?)), true),
             Media::VideoPixels(px) => (PixelTensor::Video(px.clone()), true),
             Media::ImageFile(path) => {
-                (PixelTensor::Image(Arc::new(preprocess_image(&load_image(path)?, &pre.image)?)), false)
+                (PixelTensor::Image(Arc::new(pre.recipe.image(&load_image(path)?, &pre.image)?)), false)
             }
             Media::ImagePixels(px) => (PixelTensor::Image(px.clone()), false),
         };
@@ -299,6 +302,9 @@ pub struct Conversation<'p> {
     kv: KvCache,
     history: Vec<u32>,
     unfed: Option<u32>,
+    /// Set when a follow-up failed after feeding the decoder: the cache no longer matches the
+    /// history, so further questions are refused.
+    broken: bool,
 }
 
 impl Conversation<'_> {
@@ -312,6 +318,12 @@ impl Conversation<'_> {
         let started = Instant::now();
         let p = self.pipeline;
         let m = &p.manifest;
+        if self.broken {
+            return Err(Error::Request("an earlier answer of this conversation failed midway; start a new one".into()));
+        }
+        // Invalid options are errors before any work (the same checks `Generation::run` makes).
+        Sampler::new(opts.sampling)?;
+        StopMatcher::new(opts.stop.iter().cloned())?;
         let builder = PromptBuilder::new(&p.tokenizer, &m.chat_template, &m.tokens);
         let first = self.media.is_some();
         let prompt = match &self.media {
@@ -323,8 +335,10 @@ impl Conversation<'_> {
             }
         };
         p.check_fits(self.kv.len() + prompt.len(), opts.max_new_tokens)?;
-        if let Some(media) = self.media.take() {
-            self.visual = p.visual(&media)?;
+        // The media is kept until the first answer succeeds, so a failed first question can be
+        // asked again (it would otherwise continue as a follow-up without the video).
+        if let Some(media) = &self.media {
+            self.visual = p.visual(media)?;
         }
         let token = if self.visual.as_ref().is_some_and(|v| v.is_video) { m.tokens.video } else { m.tokens.image };
         let splice = match (&self.visual, first) {
@@ -332,8 +346,21 @@ impl Conversation<'_> {
             _ => None,
         };
         let generation = Generation { lm: p.language_model(), tokenizer: &p.tokenizer, eos: m.tokens.eos };
+        let fed = self.kv.len();
         let turn = Turn { kv: &mut self.kv, history: &mut self.history };
-        let (mut answer, unfed) = generation.run(turn, &prompt, splice.as_ref(), opts, started, on_token)?;
+        let (mut answer, unfed) = match generation.run(turn, &prompt, splice.as_ref(), opts, started, on_token) {
+            Ok(done) => done,
+            Err(e) => {
+                if first {
+                    self.kv = KvCache::new(&m.model)?;
+                    self.history.clear();
+                } else if self.kv.len() != fed {
+                    self.broken = true;
+                }
+                return Err(e);
+            }
+        };
+        self.media = None;
         if let (Some(v), true) = (&self.visual, first) {
             answer.timings.preprocess_ms = v.preprocess_ms;
             answer.timings.vision_ms = v.vision_ms;

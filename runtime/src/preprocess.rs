@@ -147,6 +147,91 @@ pub fn preprocess_image(frame: &RgbFrame, cfg: &PreprocessConfig) -> Result<Arra
     Ok(out)
 }
 
+/// Which implementation turns frames into pixel values; the manifest records it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PreprocessRecipe {
+    /// The Hugging Face processors: Pillow-style resize of u8 pixels, center crop, rescale,
+    /// normalize ([`preprocess_video`], [`preprocess_image`]).
+    #[default]
+    HfProcessor,
+    /// The original Video-LLaVA (LanguageBind) transforms ([`preprocess_video_original`],
+    /// [`preprocess_image_original`]). The original also flips video frames horizontally at
+    /// random at inference; this recipe never flips.
+    Original,
+}
+
+impl PreprocessRecipe {
+    /// Preprocesses a video's frames into `[1, F, 3, crop, crop]` with this recipe.
+    pub fn video(self, frames: &[RgbFrame], cfg: &PreprocessConfig) -> Result<Array5<f32>, VideoError> {
+        match self {
+            PreprocessRecipe::HfProcessor => preprocess_video(frames, cfg),
+            PreprocessRecipe::Original => preprocess_video_original(frames, cfg),
+        }
+    }
+
+    /// Preprocesses one image into `[1, 3, crop, crop]` with this recipe.
+    pub fn image(self, frame: &RgbFrame, cfg: &PreprocessConfig) -> Result<Array4<f32>, VideoError> {
+        match self {
+            PreprocessRecipe::HfProcessor => preprocess_image(frame, cfg),
+            PreprocessRecipe::Original => preprocess_image_original(frame, cfg),
+        }
+    }
+}
+
+/// Video frames as the original Video-LLaVA preprocesses them (LanguageBind's video transform):
+/// scale to [0, 1] (`x / 255.0` in f32), normalize with the mean/std, resize so that the
+/// shortest side is [`PreprocessConfig::size`] with bilinear interpolation without antialiasing
+/// (torch `interpolate(mode="bilinear", align_corners=False)`, pytorchvideo's `ShortSideScale`),
+/// then center crop [`PreprocessConfig::crop`] (offsets rounded half to even, as torchvision's
+/// `CenterCropVideo`). The original's random horizontal flip is not applied.
+///
+/// [`PreprocessConfig::resample`] is not used: the original's resize is always bilinear.
+pub fn preprocess_video_original(frames: &[RgbFrame], cfg: &PreprocessConfig) -> Result<Array5<f32>, VideoError> {
+    if frames.is_empty() {
+        return Err(VideoError::NoFrames);
+    }
+    cfg.validate()?;
+    if cfg.size < cfg.crop {
+        return Err(VideoError::InvalidConfig("the original video recipe needs size >= crop"));
+    }
+    let crop = cfg.crop as usize;
+    let mut out = Array5::<f32>::zeros((1, frames.len(), 3, crop, crop));
+    let values = out.as_slice_mut().ok_or(VideoError::InvalidConfig("non-contiguous output"))?;
+    for (frame, chunk) in frames.iter().zip(values.chunks_exact_mut(cfg.values_per_frame())) {
+        let (width, height) = short_side_scale_size(frame.width(), frame.height(), cfg.size);
+        let planes = planar_f32(frame, cfg, true);
+        let resized = resize_planes(&planes, frame.width(), frame.height(), width, height, Filter::Bilinear);
+        crop_planes(&resized, width, height, cfg.crop, chunk);
+    }
+    Ok(out)
+}
+
+/// One image as the original Video-LLaVA preprocesses it (`image_aspect_ratio: pad` and
+/// LanguageBind's image transform): pad to a square with the mean color (`int(mean × 255)`,
+/// the image centered as `expand2square` pastes it), scale to [0, 1] (`x / 255.0`), resize the
+/// shortest side to [`PreprocessConfig::size`] with antialiased bicubic on the float values
+/// (torchvision `Resize` on a tensor), center crop, normalize.
+pub fn preprocess_image_original(frame: &RgbFrame, cfg: &PreprocessConfig) -> Result<Array4<f32>, VideoError> {
+    cfg.validate()?;
+    let padded = expand_to_square(frame, cfg)?;
+    let (width, height) = resize_output_size(padded.width(), padded.height(), cfg.size);
+    if width < cfg.crop || height < cfg.crop {
+        return Err(VideoError::InvalidConfig("the original image recipe needs size >= crop"));
+    }
+    let planes = planar_f32(&padded, cfg, false);
+    let resized = resize_planes(&planes, padded.width(), padded.height(), width, height, Filter::Bicubic);
+    let crop = cfg.crop as usize;
+    let mut out = Array4::<f32>::zeros((1, 3, crop, crop));
+    let values = out.as_slice_mut().ok_or(VideoError::InvalidConfig("non-contiguous output"))?;
+    crop_planes(&resized, width, height, cfg.crop, values);
+    let plane = crop * crop;
+    for (c, chunk) in values.chunks_exact_mut(plane).enumerate() {
+        chunk.iter_mut().for_each(|v| *v = (*v - cfg.mean[c]) / cfg.std[c]);
+    }
+    Ok(out)
+}
+
 /// Reads precomputed pixel values (`--pixel-values FILE.npy`) as `[1, F, 3, H, W]`.
 ///
 /// Accepts float32 arrays of shape `[F, 3, H, W]` or `[1, F, 3, H, W]`, C or Fortran order.
@@ -238,6 +323,175 @@ fn crop_normalize(resized: &[u8], width: u32, height: u32, cfg: &PreprocessConfi
                 let level = pixel.map_or(0, |p| resized[p + c]);
                 out[c * plane + y * crop + x] = table[c][usize::from(level)];
             }
+        }
+    }
+}
+
+/// Output size of pytorchvideo's `short_side_scale`: the short side becomes `size`, the long
+/// side `floor(long / short × size)` computed in float64 (in that order).
+fn short_side_scale_size(width: u32, height: u32, size: u32) -> (u32, u32) {
+    let (w, h, s) = (f64::from(width), f64::from(height), f64::from(size));
+    if width < height { (size, (h / w * s).floor() as u32) } else { ((w / h * s).floor() as u32, size) }
+}
+
+/// The divisor of the original transforms' `x / 255.0`: `1 / rescale`, rounded.
+fn level_divisor(cfg: &PreprocessConfig) -> f32 {
+    (1.0 / f64::from(cfg.rescale)).round() as f32
+}
+
+/// rgb24 as three f32 planes of `v / 255`, normalized with the mean/std when `normalize`.
+fn planar_f32(frame: &RgbFrame, cfg: &PreprocessConfig, normalize: bool) -> Vec<f32> {
+    let divisor = level_divisor(cfg);
+    let plane = frame.width() as usize * frame.height() as usize;
+    let mut out = vec![0.0f32; 3 * plane];
+    for (i, px) in frame.data().chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            let v = f32::from(px[c]) / divisor;
+            out[c * plane + i] = if normalize { (v - cfg.mean[c]) / cfg.std[c] } else { v };
+        }
+    }
+    out
+}
+
+/// `expand2square`: the frame centered on a square of the mean color (`int(mean × 255)`).
+fn expand_to_square<'a>(frame: &'a RgbFrame, cfg: &PreprocessConfig) -> Result<Cow<'a, RgbFrame>, VideoError> {
+    let (w, h) = (frame.width(), frame.height());
+    if w == h {
+        return Ok(Cow::Borrowed(frame));
+    }
+    let side = w.max(h);
+    let fill: [u8; 3] = std::array::from_fn(|c| (f64::from(cfg.mean[c]) * 255.0) as u8);
+    let mut data: Vec<u8> = fill.iter().copied().cycle().take(side as usize * side as usize * 3).collect();
+    let (left, top) = ((side - w) / 2, (side - h) / 2);
+    let row = w as usize * 3;
+    for (y, src) in frame.data().chunks_exact(row).enumerate() {
+        let start = ((top as usize + y) * side as usize + left as usize) * 3;
+        data[start..start + row].copy_from_slice(src);
+    }
+    Ok(Cow::Owned(RgbFrame::new(side, side, data)?))
+}
+
+/// Interpolation of the original transforms' float resizes.
+#[derive(Clone, Copy)]
+enum Filter {
+    /// torch bilinear, `align_corners=False`, no antialiasing.
+    Bilinear,
+    /// torch bicubic (a = -0.5), `align_corners=False`, antialiased (torchvision `Resize`).
+    Bicubic,
+}
+
+/// For each output index along one axis: the first input index and the weights from there.
+struct AxisTaps {
+    starts: Vec<usize>,
+    weights: Vec<Vec<f32>>,
+}
+
+fn bilinear_taps(input: usize, output: usize) -> AxisTaps {
+    let mut taps = AxisTaps { starts: Vec::with_capacity(output), weights: Vec::with_capacity(output) };
+    // ATen's `compute_source_index_and_lambda`, in f32 as its CPU kernel computes it.
+    let scale = input as f32 / output as f32;
+    for dst in 0..output {
+        if input == output {
+            taps.starts.push(dst);
+            taps.weights.push(vec![1.0]);
+            continue;
+        }
+        let src = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(input - 1);
+        let l1 = (src - i0 as f32).clamp(0.0, 1.0);
+        taps.starts.push(i0);
+        if i0 + 1 < input { taps.weights.push(vec![1.0 - l1, l1]) } else { taps.weights.push(vec![1.0 - l1]) }
+    }
+    taps
+}
+
+fn cubic(x: f32) -> f32 {
+    const A: f32 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+fn bicubic_aa_taps(input: usize, output: usize) -> AxisTaps {
+    let mut taps = AxisTaps { starts: Vec::with_capacity(output), weights: Vec::with_capacity(output) };
+    // ATen's `_compute_indices_min_size_weights_aa` (the filter widened when downscaling).
+    let scale = input as f32 / output as f32;
+    let support = if scale >= 1.0 { 2.0 * scale } else { 2.0 };
+    let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
+    for dst in 0..output {
+        let center = scale * (dst as f32 + 0.5);
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).clamp(0, input as i64) as usize;
+        let mut w: Vec<f32> = (xmin..xmax.max(xmin)).map(|j| cubic((j as f32 - center + 0.5) * invscale)).collect();
+        let total: f32 = w.iter().sum();
+        if total != 0.0 {
+            w.iter_mut().for_each(|v| *v /= total);
+        }
+        taps.starts.push(xmin);
+        taps.weights.push(w);
+    }
+    taps
+}
+
+fn taps(filter: Filter, input: usize, output: usize) -> AxisTaps {
+    match filter {
+        Filter::Bilinear => bilinear_taps(input, output),
+        Filter::Bicubic => bicubic_aa_taps(input, output),
+    }
+}
+
+/// `sum_j w_j × src[(start + j) × stride]`, accumulated in order as ATen does.
+fn tap_sum(src: &[f32], start: usize, stride: usize, weights: &[f32]) -> f32 {
+    let mut acc = 0.0f32;
+    for (j, w) in weights.iter().enumerate() {
+        acc += src[(start + j) * stride] * w;
+    }
+    acc
+}
+
+/// Separable resize of three planes (`[3][src_h][src_w]`): along the width, then the height.
+fn resize_planes(src: &[f32], src_w: u32, src_h: u32, width: u32, height: u32, filter: Filter) -> Vec<f32> {
+    let (sw, sh, w, h) = (src_w as usize, src_h as usize, width as usize, height as usize);
+    let across = taps(filter, sw, w);
+    let down = taps(filter, sh, h);
+    let mut out = vec![0.0f32; 3 * w * h];
+    let mut rows = vec![0.0f32; sh * w];
+    for c in 0..3 {
+        let plane = &src[c * sw * sh..(c + 1) * sw * sh];
+        for y in 0..sh {
+            let line = &plane[y * sw..(y + 1) * sw];
+            for x in 0..w {
+                rows[y * w + x] = tap_sum(line, across.starts[x], 1, &across.weights[x]);
+            }
+        }
+        let dst = &mut out[c * w * h..(c + 1) * w * h];
+        for y in 0..h {
+            for x in 0..w {
+                dst[y * w + x] = tap_sum(&rows[x..], down.starts[y], w, &down.weights[y]);
+            }
+        }
+    }
+    out
+}
+
+/// torchvision's center-crop offset: `int(round((size - crop) / 2.0))`, halves to even.
+fn round_half_even_offset(size: u32, crop: u32) -> usize {
+    (f64::from(size.saturating_sub(crop)) / 2.0).round_ties_even() as usize
+}
+
+/// Center crops three planes (`[3][height][width]`, each side at least `crop`) into `out`.
+fn crop_planes(planes: &[f32], width: u32, height: u32, crop: u32, out: &mut [f32]) {
+    let (w, h, k) = (width as usize, height as usize, crop as usize);
+    let (top, left) = (round_half_even_offset(height, crop), round_half_even_offset(width, crop));
+    for c in 0..3 {
+        for y in 0..k {
+            let src = &planes[c * w * h + (top + y) * w + left..][..k];
+            out[c * k * k + y * k..][..k].copy_from_slice(src);
         }
     }
 }

@@ -3,7 +3,7 @@
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
-use crate::manifest::{ChatTemplate, SpecialTokens};
+use crate::manifest::{ChatTemplate, PlaceholderStyle, SpecialTokens};
 
 /// What the first turn shows the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +42,16 @@ impl<'a> PromptBuilder<'a> {
 
     /// Token ids of the first turn (with BOS), checked to hold exactly the visual tokens asked for.
     pub fn first_turn(&self, slot: VisualSlot, question: &str) -> Result<Vec<u32>> {
+        let ids = match self.template.placeholders {
+            PlaceholderStyle::RepeatPerToken => self.first_turn_repeated(slot, question)?,
+            PlaceholderStyle::SplitOnMarker => self.first_turn_split(slot, question)?,
+        };
+        self.check_visual_count(slot, &ids)?;
+        Ok(ids)
+    }
+
+    /// The Hugging Face processor's layout: the placeholder repeated once per visual token.
+    fn first_turn_repeated(&self, slot: VisualSlot, question: &str) -> Result<Vec<u32>> {
         let t = self.template;
         let text = match slot {
             VisualSlot::Video { tokens } => t.first_turn_video.replace("{video}", &t.video_placeholder.repeat(tokens)),
@@ -49,13 +59,73 @@ impl<'a> PromptBuilder<'a> {
             VisualSlot::None => t.first_turn_text.clone(),
         };
         let text = format!("{}{}", t.system, text.replace("{question}", question));
-        let ids = self.encode(&text, true)?;
+        self.encode(&text, true)
+    }
+
+    /// LLaVA's `tokenizer_image_token`: the prompt split on the marker, each chunk tokenized with
+    /// special tokens, the first chunk's BOS kept (and the first token of every chunk dropped
+    /// when the first chunk starts with BOS), and each marker replaced by one frame's (or the
+    /// image's) share of the visual tokens.
+    fn first_turn_split(&self, slot: VisualSlot, question: &str) -> Result<Vec<u32>> {
+        let t = self.template;
+        let (template, marker, id, tokens) = match slot {
+            VisualSlot::Video { tokens } => {
+                (&t.first_turn_video, t.video_placeholder.as_str(), self.special.video, tokens)
+            }
+            VisualSlot::Image { tokens } => {
+                (&t.first_turn_image, t.image_placeholder.as_str(), self.special.image, tokens)
+            }
+            VisualSlot::None => (&t.first_turn_text, "", 0, 0),
+        };
+        let bare = format!("{}{}", t.system, template);
+        let text = format!("{}{}", t.system, template.replace("{question}", question));
+        for m in [t.video_placeholder.as_str(), t.image_placeholder.as_str()] {
+            if !m.is_empty() && text.matches(m).count() != bare.matches(m).count() {
+                return Err(Error::Request(format!(
+                    "the question must not contain the visual marker {m}; the prompt holds the markers itself"
+                )));
+            }
+        }
+        let markers = if marker.is_empty() { 0 } else { text.matches(marker).count() };
+        if markers == 0 {
+            return self.encode(&text, true);
+        }
+        if tokens % markers != 0 {
+            return Err(Error::Request(format!(
+                "{tokens} visual tokens cannot be shared among the template's {markers} {marker} markers"
+            )));
+        }
+        let per_marker = tokens / markers;
+        let chunks = text.split(marker).map(|chunk| self.encode(chunk, true)).collect::<Result<Vec<_>>>()?;
+        let offset = usize::from(chunks.first().and_then(|c| c.first()) == Some(&self.special.bos));
+        let mut ids = Vec::with_capacity(text.len() + tokens);
+        if offset == 1 {
+            ids.push(self.special.bos);
+        }
+        for (i, chunk) in chunks.iter().enumerate() {
+            if i > 0 {
+                ids.extend(std::iter::repeat_n(id, per_marker));
+            }
+            ids.extend(chunk.iter().skip(offset));
+        }
+        Ok(ids)
+    }
+
+    /// Checks that `ids` hold exactly the visual tokens `slot` asks for.
+    fn check_visual_count(&self, slot: VisualSlot, ids: &[u32]) -> Result<()> {
+        let t = self.template;
         let count = |id: u32| ids.iter().filter(|&&t| t == id).count();
         let (videos, images) = (count(self.special.video), count(self.special.image));
         let (want_v, want_i) = match slot {
             VisualSlot::Video { tokens } => (tokens, 0),
             VisualSlot::Image { tokens } => (0, tokens),
             VisualSlot::None => (0, 0),
+        };
+        // One id may serve both placeholders (the original layout has no token of its own).
+        let (want_v, want_i) = if self.special.video == self.special.image {
+            (want_v + want_i, want_v + want_i)
+        } else {
+            (want_v, want_i)
         };
         if videos != want_v || images != want_i {
             return Err(Error::Request(format!(
@@ -64,17 +134,90 @@ impl<'a> PromptBuilder<'a> {
                 t.video_placeholder, t.image_placeholder
             )));
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// Token ids that close the previous answer and ask `question` (no BOS).
     pub fn next_turn(&self, question: &str) -> Result<Vec<u32>> {
         let t = self.template;
         let text = format!("{}{}", t.answer_end, t.next_turn.replace("{question}", question));
+        let split = t.placeholders == PlaceholderStyle::SplitOnMarker;
+        let marked =
+            [&t.video_placeholder, &t.image_placeholder].iter().any(|m| !m.is_empty() && question.contains(m.as_str()));
         let ids = self.encode(&text, false)?;
-        if ids.contains(&self.special.video) || ids.contains(&self.special.image) {
+        if (split && marked) || ids.contains(&self.special.video) || ids.contains(&self.special.image) {
             return Err(Error::Request("a follow-up question cannot contain visual placeholders".into()));
         }
         Ok(ids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Words split on whitespace; `<s> $A` added as LLaMA's tokenizer does.
+    fn tokenizer() -> Tokenizer {
+        let json = r#"{
+          "version": "1.0", "truncation": null, "padding": null,
+          "added_tokens": [
+            {"id": 0, "content": "<unk>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 2, "content": "</s>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+          ],
+          "normalizer": null,
+          "pre_tokenizer": {"type": "WhitespaceSplit"},
+          "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+          "decoder": null,
+          "model": {"type": "WordLevel", "unk_token": "<unk>",
+            "vocab": {"<unk>": 0, "<s>": 1, "</s>": 2, "SYS": 3, "USER:": 4, "ASSISTANT:": 5, "hi": 6, "x": 7}}
+        }"#;
+        json.parse().expect("test tokenizer")
+    }
+
+    fn original_template() -> ChatTemplate {
+        ChatTemplate {
+            system: "SYS ".into(),
+            first_turn_video: "USER: <image> x <image>\n{question} ASSISTANT:".into(),
+            first_turn_image: "USER: <image>\n{question} ASSISTANT:".into(),
+            first_turn_text: "USER: {question} ASSISTANT:".into(),
+            next_turn: "USER: {question} ASSISTANT:".into(),
+            answer_end: "</s>".into(),
+            video_placeholder: "<image>".into(),
+            image_placeholder: "<image>".into(),
+            placeholders: PlaceholderStyle::SplitOnMarker,
+        }
+    }
+
+    const SPECIAL: SpecialTokens = SpecialTokens { bos: 1, eos: 2, pad: None, image: 0, video: 0 };
+
+    #[test]
+    fn split_on_marker_keeps_one_bos_and_expands_each_marker() -> Result<()> {
+        let (tok, template) = (tokenizer(), original_template());
+        let b = PromptBuilder::new(&tok, &template, &SPECIAL);
+        // Chunks: "SYS USER: " | " x " | "\nhi ASSISTANT:", each encoded as [1, ...].
+        let ids = b.first_turn(VisualSlot::Video { tokens: 6 }, "hi")?;
+        assert_eq!(ids, vec![1, 3, 4, 0, 0, 0, 7, 0, 0, 0, 6, 5]);
+        let ids = b.first_turn(VisualSlot::Image { tokens: 2 }, "hi")?;
+        assert_eq!(ids, vec![1, 3, 4, 0, 0, 6, 5]);
+        assert_eq!(b.first_turn(VisualSlot::None, "hi")?, vec![1, 3, 4, 6, 5]);
+        Ok(())
+    }
+
+    #[test]
+    fn split_on_marker_refuses_markers_in_questions_and_uneven_shares() {
+        let (tok, template) = (tokenizer(), original_template());
+        let b = PromptBuilder::new(&tok, &template, &SPECIAL);
+        for slot in [VisualSlot::Video { tokens: 6 }, VisualSlot::None] {
+            assert!(matches!(b.first_turn(slot, "what <image>"), Err(Error::Request(_))));
+        }
+        assert!(matches!(b.first_turn(VisualSlot::Video { tokens: 5 }, "hi"), Err(Error::Request(_))));
+        assert!(matches!(b.next_turn("and <image>?"), Err(Error::Request(_))));
+        // The placeholder id typed as text would add visual positions.
+        assert!(matches!(b.first_turn(VisualSlot::Video { tokens: 6 }, "<unk>"), Err(Error::Request(_))));
+        assert!(b.next_turn("hi").is_ok());
     }
 }

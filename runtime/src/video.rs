@@ -774,6 +774,13 @@ mod tests {
     }
 
     #[test]
+    fn stderr_tail_hints_at_old_ffmpeg() {
+        let tail = VecDeque::from(["error: Unrecognized option 'fps_mode'.".to_string()]);
+        assert!(tail_hint(tail).contains("ffmpeg 5.1 or newer"));
+        assert_eq!(tail_hint(VecDeque::from(["a".to_string(), "b".to_string()])), "a\nb");
+    }
+
+    #[test]
     fn select_filter_escapes_commas() {
         assert_eq!(select_filter(&[0, 10]), "select='eq(n\\,0)+eq(n\\,10)'");
     }

@@ -1,8 +1,10 @@
 //! `vl-export`: export Video-LLaVA checkpoints to ONNX engines, or synthesize test checkpoints.
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use vl_export::checkpoint::TowerDirs;
+use vl_export::eval::{EvalOptions, evaluate, parse_prompts};
 use vl_export::export::{BuildOptions, build};
 use vl_export::synth::{Preset, SynthSpec, WeightDtype, synthesize};
 use vl_runtime::manifest::{CheckpointLayout, Precision};
@@ -27,8 +29,18 @@ enum Command {
         /// Numeric precision of the graphs.
         #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
         precision: PrecisionArg,
+        /// Weights per quantization block (int8-weight, int4-weight).
+        #[arg(long, default_value_t = 32)]
+        block_size: usize,
+        /// Original layout: the LanguageBind video tower's directory (its config.json gives
+        /// num_frames, add_time_attn, hidden_act...); found in the checkpoint or inferred otherwise.
+        #[arg(long)]
+        video_tower: Option<PathBuf>,
+        /// Original layout: the LanguageBind image tower's directory.
+        #[arg(long)]
+        image_tower: Option<PathBuf>,
     },
-    /// Write a checkpoint with random weights in the Hugging Face layout.
+    /// Write a checkpoint with random weights (Hugging Face port or original layout).
     Synth {
         /// Size preset.
         #[arg(long, value_enum, default_value_t = PresetArg::Tiny)]
@@ -67,14 +79,75 @@ enum Command {
         #[arg(long, value_enum)]
         dtype: Option<DtypeArg>,
         /// Write transformers 4.x tensor names (`video_tower.vision_model...`).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "layout")]
         v4_names: bool,
+        /// Checkpoint layout: the Hugging Face port (transformers 5 or 4 names) or the original
+        /// Video-LLaVA checkpoint (with LanguageBind tower configs and temporal attention).
+        #[arg(long, value_enum)]
+        layout: Option<LayoutArg>,
     },
+    /// Compare an engine with a reference engine (accuracy of a precision): video-feature cosine,
+    /// KL and top-1 agreement of next-token distributions, perplexity, greedy common prefix.
+    Eval(EvalArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LayoutArg {
+    #[value(name = "hf-v5")]
+    HfV5,
+    #[value(name = "hf-v4")]
+    HfV4,
+    Original,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
 enum PrecisionArg {
     Fp32,
+    Fp16,
+    #[value(name = "int8-weight")]
+    Int8Weight,
+    #[value(name = "int4-weight")]
+    Int4Weight,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Engine under test.
+    #[arg(long)]
+    engine: PathBuf,
+    /// Reference engine (e.g. the fp32 build of the same checkpoint).
+    #[arg(long)]
+    reference: PathBuf,
+    /// Text set for perplexity and teacher-forced comparison (default: calib/eval_text.txt, built in).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Questions about the video, one per line (default: calib/eval_prompts.txt, built in).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// A video whose features are compared and that the prompts ask about (repeatable).
+    #[arg(long)]
+    video: Vec<PathBuf>,
+    /// Seeded random pixel inputs whose features are compared.
+    #[arg(long, default_value_t = 3)]
+    pixel_inputs: usize,
+    /// Seed of the random pixel inputs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Most tokens of each greedy answer.
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Tokens per forward pass over the text set.
+    #[arg(long, default_value_t = 512)]
+    chunk_tokens: usize,
+    /// Score only the first N tokens of the text set.
+    #[arg(long)]
+    max_text_tokens: Option<usize>,
+    /// Intra-op threads (default: one per core).
+    #[arg(long, env = "VL_THREADS")]
+    threads: Option<usize>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -99,14 +172,46 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+fn run_eval(a: EvalArgs) -> Result<()> {
+    let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let mut opts = EvalOptions::new(a.engine, a.reference);
+    if let Some(p) = &a.data {
+        opts.text = read(p)?;
+    }
+    if let Some(p) = &a.prompts {
+        opts.prompts = parse_prompts(&read(p)?);
+    }
+    opts.videos = a.video;
+    opts.pixel_inputs = a.pixel_inputs;
+    opts.seed = a.seed;
+    opts.max_new_tokens = a.max_new_tokens;
+    opts.chunk_tokens = a.chunk_tokens;
+    opts.max_text_tokens = a.max_text_tokens;
+    opts.session.threads = a.threads;
+    opts.progress = true;
+    let report = evaluate(&opts)?;
+    println!("{report}");
+    if let Some(path) = a.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Build { model, out, precision } => {
+        Command::Build { model, out, precision, block_size, video_tower, image_tower } => {
             let precision = match precision {
                 PrecisionArg::Fp32 => Precision::Fp32,
+                PrecisionArg::Fp16 => Precision::Fp16,
+                PrecisionArg::Int8Weight => Precision::Int8Weight,
+                PrecisionArg::Int4Weight => Precision::Int4Weight,
             };
-            let opts = BuildOptions { precision, progress: true, ..BuildOptions::new(model, out.clone()) };
+            let towers = TowerDirs { video: video_tower, image: image_tower };
+            let opts =
+                BuildOptions { precision, block_size, progress: true, towers, ..BuildOptions::new(model, out.clone()) };
             let report = build(&opts)?;
+            println!("note: {}", report.notice);
             let rss = peak_rss_mb().map(|m| format!(", peak RSS {m:.0} MB")).unwrap_or_default();
             println!(
                 "exported {} ({}) to {} in {:.1} s{rss}",
@@ -130,6 +235,7 @@ fn main() -> Result<()> {
             rope_linear,
             dtype,
             v4_names,
+            layout,
         } => {
             let preset = match preset {
                 PresetArg::Tiny => Preset::Tiny,
@@ -152,9 +258,17 @@ fn main() -> Result<()> {
             if v4_names {
                 spec.layout = CheckpointLayout::HfV4;
             }
+            if let Some(layout) = layout {
+                spec.layout = match layout {
+                    LayoutArg::HfV5 => CheckpointLayout::HfV5,
+                    LayoutArg::HfV4 => CheckpointLayout::HfV4,
+                    LayoutArg::Original => CheckpointLayout::Original,
+                };
+            }
             synthesize(&spec, &out)?;
             println!("wrote a {:?} checkpoint to {}", preset, out.display());
         }
+        Command::Eval(args) => run_eval(args)?,
     }
     Ok(())
 }

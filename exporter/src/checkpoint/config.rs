@@ -39,7 +39,7 @@ enum FeatureLayer {
 }
 
 #[derive(Deserialize)]
-struct RawText {
+pub(super) struct RawText {
     hidden_size: usize,
     intermediate_size: usize,
     num_hidden_layers: usize,
@@ -93,7 +93,7 @@ struct RawRope {
 }
 
 #[derive(Deserialize)]
-struct RawVision {
+pub(super) struct RawVision {
     hidden_size: usize,
     intermediate_size: usize,
     num_hidden_layers: usize,
@@ -157,7 +157,7 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn parse(name: &str, path: &Path, field: &str) -> Result<Self> {
+    pub(super) fn parse(name: &str, path: &Path, field: &str) -> Result<Self> {
         match name {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::Gelu),
@@ -177,6 +177,13 @@ pub enum SelectStrategy {
     Default,
     /// Keep CLS.
     Full,
+}
+
+/// Temporal attention in every encoder layer of a LanguageBind video tower.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Temporal {
+    /// Frames per clip: the rows of each layer's `temporal_embedding` (`num_frames`).
+    pub frames: usize,
 }
 
 /// The CLIP vision tower.
@@ -200,6 +207,8 @@ pub struct VisionConfig {
     pub act: Activation,
     /// LayerNorm epsilon.
     pub ln_eps: f32,
+    /// Temporal attention before each layer's spatial attention (the original video tower).
+    pub temporal: Option<Temporal>,
 }
 
 impl VisionConfig {
@@ -264,8 +273,10 @@ pub struct TextConfig {
 pub struct ModelConfig {
     /// `architectures[0]`.
     pub architecture: String,
-    /// Vision towers (video and image share the config).
+    /// The video tower (the Hugging Face port's single `vision_config`).
     pub vision: VisionConfig,
+    /// The image tower (the same as `vision` in the Hugging Face port).
+    pub image_vision: VisionConfig,
     /// Text model.
     pub text: TextConfig,
     /// Indices into `hidden_states` whose outputs are concatenated as features.
@@ -313,26 +324,79 @@ impl ModelConfig {
 
     /// Feature layers as non-negative indices into `hidden_states` (0 = embeddings).
     pub fn feature_indices(&self) -> Vec<usize> {
-        let n = self.vision.layers as i64 + 1;
+        self.feature_indices_for(&self.vision)
+    }
+
+    /// Feature layers of `tower` as non-negative indices into its `hidden_states`.
+    pub fn feature_indices_for(&self, tower: &VisionConfig) -> Vec<usize> {
+        let n = tower.layers as i64 + 1;
         self.feature_layers.iter().map(|&l| if l < 0 { (n + l) as usize } else { l as usize }).collect()
+    }
+
+    /// Checks that every feature layer exists in `tower` (`what` names it in the error).
+    pub(super) fn check_feature_layers(&self, tower: &VisionConfig, what: &str, path: &Path) -> Result<()> {
+        let hs = tower.layers as i64 + 1;
+        match self.feature_layers.iter().find(|&&l| l >= hs || l < -hs) {
+            Some(l) => Err(Error::Config {
+                path: path.into(),
+                message: format!(
+                    "feature layer {l} is outside the {hs} hidden states of the {}-layer {what}",
+                    tower.layers
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 }
 
-impl RawConfig {
-    fn resolve(self, path: &Path) -> Result<ModelConfig> {
+impl RawVision {
+    /// The resolved tower; `prefix` names where the fields came from in errors.
+    pub(super) fn resolve(&self, path: &Path, prefix: &str) -> Result<VisionConfig> {
         let bad = |message: String| Error::Config { path: path.into(), message };
-        let t = &self.text_config;
-        let v = &self.vision_config;
+        let v = self;
         for (what, n) in [
-            ("text_config.hidden_size", t.hidden_size),
-            ("text_config.num_attention_heads", t.num_attention_heads),
-            ("text_config.num_hidden_layers", t.num_hidden_layers),
-            ("vision_config.num_attention_heads", v.num_attention_heads),
-            ("vision_config.patch_size", v.patch_size),
-            ("vision_config.hidden_size", v.hidden_size),
+            ("num_attention_heads", v.num_attention_heads),
+            ("patch_size", v.patch_size),
+            ("hidden_size", v.hidden_size),
         ] {
             if n == 0 {
-                return Err(bad(format!("{what} must be positive")));
+                return Err(bad(format!("{prefix}{what} must be positive")));
+            }
+        }
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
+            return Err(bad(format!("{prefix}hidden_size is not a multiple of its heads")));
+        }
+        if !v.image_size.is_multiple_of(v.patch_size) {
+            return Err(bad(format!("image_size {} is not a multiple of patch_size {}", v.image_size, v.patch_size)));
+        }
+        Ok(VisionConfig {
+            hidden: v.hidden_size,
+            intermediate: v.intermediate_size,
+            layers: v.num_hidden_layers,
+            heads: v.num_attention_heads,
+            image_size: v.image_size,
+            patch_size: v.patch_size,
+            channels: v.num_channels,
+            act: Activation::parse(&v.hidden_act, path, &format!("{prefix}hidden_act"))?,
+            ln_eps: v.layer_norm_eps as f32,
+            temporal: None,
+        })
+    }
+}
+
+impl RawText {
+    /// The resolved LLaMA; `prefix` names where the fields came from in errors, `tie_top` is a
+    /// `tie_word_embeddings` found outside these fields.
+    pub(super) fn resolve(&self, path: &Path, prefix: &str, tie_top: Option<bool>) -> Result<TextConfig> {
+        let bad = |message: String| Error::Config { path: path.into(), message };
+        let t = self;
+        for (what, n) in [
+            ("hidden_size", t.hidden_size),
+            ("num_attention_heads", t.num_attention_heads),
+            ("num_hidden_layers", t.num_hidden_layers),
+        ] {
+            if n == 0 {
+                return Err(bad(format!("{prefix}{what} must be positive")));
             }
         }
         let kv_heads = t.num_key_value_heads.unwrap_or(t.num_attention_heads);
@@ -346,13 +410,41 @@ impl RawConfig {
         if !head_dim.is_multiple_of(2) {
             return Err(bad(format!("head_dim {head_dim} must be even for rotary embeddings")));
         }
-        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
-            return Err(bad("vision hidden_size is not a multiple of its heads".into()));
-        }
-        if !v.image_size.is_multiple_of(v.patch_size) {
-            return Err(bad(format!("image_size {} is not a multiple of patch_size {}", v.image_size, v.patch_size)));
-        }
         let rope = resolve_rope(t, path)?;
+        if Activation::parse(&t.hidden_act, path, &format!("{prefix}hidden_act"))? != Activation::Silu {
+            return Err(bad(format!("{prefix}hidden_act {:?}: LLaMA decoders use silu", t.hidden_act)));
+        }
+        let eos = match &t.eos_token_id {
+            EosIds::One(e) => *e,
+            EosIds::Many(es) => *es.first().ok_or_else(|| bad("eos_token_id is an empty list".into()))?,
+        };
+        Ok(TextConfig {
+            hidden: t.hidden_size,
+            intermediate: t.intermediate_size,
+            layers: t.num_hidden_layers,
+            heads: t.num_attention_heads,
+            kv_heads,
+            head_dim,
+            rms_eps: t.rms_norm_eps as f32,
+            rope,
+            vocab: t.vocab_size,
+            max_positions: t.max_position_embeddings,
+            tie_embeddings: t.tie_word_embeddings.or(tie_top).unwrap_or(false),
+            attention_bias: t.attention_bias,
+            mlp_bias: t.mlp_bias,
+            bos: t.bos_token_id,
+            eos,
+            pad: t.pad_token_id,
+        })
+    }
+}
+
+impl RawConfig {
+    fn resolve(self, path: &Path) -> Result<ModelConfig> {
+        let bad = |message: String| Error::Config { path: path.into(), message };
+        let text = self.text_config.resolve(path, "text_config.", self.tie_word_embeddings)?;
+        let vision = self.vision_config.resolve(path, "vision_config.")?;
+        let v = &self.vision_config;
         let feature_layers = match &self.vision_feature_layer {
             FeatureLayer::One(l) => vec![*l],
             FeatureLayer::Many(ls) if !ls.is_empty() => ls.clone(),
@@ -370,44 +462,11 @@ impl RawConfig {
             "full" => SelectStrategy::Full,
             other => return Err(bad(format!("vision_feature_select_strategy {other:?} (default or full)"))),
         };
-        if Activation::parse(&t.hidden_act, path, "text_config.hidden_act")? != Activation::Silu {
-            return Err(bad(format!("text_config.hidden_act {:?}: LLaMA decoders use silu", t.hidden_act)));
-        }
-        let eos = match &t.eos_token_id {
-            EosIds::One(e) => *e,
-            EosIds::Many(es) => *es.first().ok_or_else(|| bad("eos_token_id is an empty list".into()))?,
-        };
         Ok(ModelConfig {
             architecture: self.architectures.first().cloned().unwrap_or_else(|| HF_ARCHITECTURE.into()),
-            vision: VisionConfig {
-                hidden: v.hidden_size,
-                intermediate: v.intermediate_size,
-                layers: v.num_hidden_layers,
-                heads: v.num_attention_heads,
-                image_size: v.image_size,
-                patch_size: v.patch_size,
-                channels: v.num_channels,
-                act: Activation::parse(&v.hidden_act, path, "vision_config.hidden_act")?,
-                ln_eps: v.layer_norm_eps as f32,
-            },
-            text: TextConfig {
-                hidden: t.hidden_size,
-                intermediate: t.intermediate_size,
-                layers: t.num_hidden_layers,
-                heads: t.num_attention_heads,
-                kv_heads,
-                head_dim,
-                rms_eps: t.rms_norm_eps as f32,
-                rope,
-                vocab: t.vocab_size,
-                max_positions: t.max_position_embeddings,
-                tie_embeddings: t.tie_word_embeddings.or(self.tie_word_embeddings).unwrap_or(false),
-                attention_bias: t.attention_bias,
-                mlp_bias: t.mlp_bias,
-                bos: t.bos_token_id,
-                eos,
-                pad: t.pad_token_id,
-            },
+            image_vision: vision.clone(),
+            vision,
+            text,
             feature_layers,
             select,
             image_token: self.image_token_index,

@@ -1,10 +1,13 @@
-//! Reading Video-LLaVA checkpoints: config, tensor store, and the name layout.
+//! Reading Video-LLaVA checkpoints: config, tensor store, and the name layout (the Hugging Face
+//! port, or the original `LlavaLlamaForCausalLM` checkpoint, told apart by `config.json`).
 mod config;
+mod original;
 mod safetensors_store;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{Activation, ModelConfig, Rope, SelectStrategy, TextConfig, VisionConfig};
+pub use config::{Activation, ModelConfig, Rope, SelectStrategy, Temporal, TextConfig, VisionConfig};
+pub use original::{IMAGE_MARKER, ORIGINAL_ARCHITECTURE, TowerDirs};
 pub use safetensors_store::TensorStore;
 use vl_runtime::manifest::CheckpointLayout;
 
@@ -19,6 +22,9 @@ pub struct Roots {
     pub image_tower: String,
     /// The two-layer projector.
     pub projector: String,
+    /// Names of the projector's two linears under `projector` (`linear_1`/`linear_2` in the
+    /// Hugging Face port, `0`/`2` in the original `nn.Sequential`).
+    pub projector_layers: [String; 2],
     /// The LLaMA body (embeddings, layers, norm).
     pub text_body: String,
     /// The output head.
@@ -37,6 +43,27 @@ pub struct Checkpoint {
     pub layout: CheckpointLayout,
     /// Where each part lives.
     pub roots: Roots,
+    /// Choices made while reading it where the checkpoint was silent, one line each (for the
+    /// manifest's `assumptions`).
+    pub assumptions: Vec<String>,
+    /// One line about the layout for the user (also recorded in the manifest).
+    pub notice: String,
+}
+
+/// The line every Hugging Face port export prints and records: the conversion to the port
+/// loads the video tower as a plain CLIP vision model, dropping the original LanguageBind
+/// tower's temporal attention (PKU-YuanGroup/Video-LLaVA issue 223).
+fn hf_port_notice(config: &serde_json::Value) -> String {
+    let from = config
+        .get("_name_or_path")
+        .and_then(|n| n.as_str())
+        .filter(|n| !n.is_empty())
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
+    format!(
+        "Hugging Face port of Video-LLaVA{from}: its video tower has no temporal attention (the conversion drops the \
+         original LanguageBind tower's temporal layers); export the original checkpoint to keep them"
+    )
 }
 
 fn find_root(store: &TensorStore, candidates: &[&str], probe: &str) -> Option<String> {
@@ -46,10 +73,29 @@ fn find_root(store: &TensorStore, candidates: &[&str], probe: &str) -> Option<St
 impl Checkpoint {
     /// Opens the checkpoint in `dir` and works out its layout.
     pub fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, &TowerDirs::default())
+    }
+
+    /// Opens the checkpoint in `dir`, taking original-layout tower configs from `towers`.
+    pub fn open_with(dir: &Path, towers: &TowerDirs) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::Invalid(format!("{}: not a checkpoint directory", dir.display())));
         }
-        let config = ModelConfig::load(dir)?;
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::Config { path: path.clone(), message: e.to_string() })?;
+        if original::is_original(&value) {
+            return original::open(dir, &path, value, towers);
+        }
+        if towers.video.is_some() || towers.image.is_some() {
+            return Err(Error::Invalid(format!(
+                "{}: --video-tower and --image-tower apply to original Video-LLaVA checkpoints; this one is a \
+                 Hugging Face port",
+                dir.display()
+            )));
+        }
+        let config = ModelConfig::parse(&text, &path)?;
         let store = TensorStore::open(dir)?;
         let missing = |probe: &str| Error::MissingTensor { name: probe.to_string(), dir: dir.to_path_buf() };
         let tower = |name: &str| {
@@ -85,7 +131,16 @@ impl Checkpoint {
             config,
             store,
             layout,
-            roots: Roots { video_tower, image_tower, projector, text_body, lm_head },
+            roots: Roots {
+                video_tower,
+                image_tower,
+                projector,
+                projector_layers: ["linear_1".into(), "linear_2".into()],
+                text_body,
+                lm_head,
+            },
+            assumptions: Vec::new(),
+            notice: hf_port_notice(&value),
         })
     }
 

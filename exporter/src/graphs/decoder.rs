@@ -7,7 +7,7 @@
 //! [batch, kv_heads, total, head_dim] (past followed by this call's keys and values).
 use vl_runtime::manifest::{DType, Dim, TensorSpec};
 
-use super::nn::{LinearOpts, activation, linear, rms_norm};
+use super::nn::{LinearOpts, activation, linear, rms_norm, to_act, to_f32};
 use crate::checkpoint::{Activation, Checkpoint, TextConfig, Weights};
 use crate::error::Result;
 use crate::onnx::{Attr, GraphBuilder};
@@ -16,10 +16,10 @@ fn sym(s: &str) -> Dim {
     Dim::Symbolic(s.into())
 }
 
-fn kv_spec(name: String, t: &TextConfig, len: &str) -> TensorSpec {
+fn kv_spec(name: String, t: &TextConfig, dtype: DType, len: &str) -> TensorSpec {
     TensorSpec::new(
         name,
-        DType::F32,
+        dtype,
         vec![sym("batch"), Dim::Fixed(t.kv_heads as i64), sym(len), Dim::Fixed(t.head_dim as i64)],
     )
 }
@@ -54,6 +54,7 @@ fn rotary(b: &mut GraphBuilder, t: &TextConfig, position_ids: &str) -> (String, 
     let axes1 = b.const_i64(&[1], &[1]);
     let cos = b.op("Cos", &[&emb], vec![]);
     let sin = b.op("Sin", &[&emb], vec![]);
+    let (cos, sin) = (to_act(b, &cos), to_act(b, &sin));
     (b.op("Unsqueeze", &[&cos, &axes1], vec![]), b.op("Unsqueeze", &[&sin, &axes1], vec![]))
 }
 
@@ -124,7 +125,7 @@ fn attention(
     let k = apply_rotary(b, s, &k, hd);
     let present_k = b.op("Concat", &[past.0, &k], vec![("axis", Attr::Int(2))]);
     let present_v = b.op("Concat", &[past.1, &v], vec![("axis", Attr::Int(2))]);
-    let scale = b.const_f32(&[(hd as f32).powf(-0.5)], &[]);
+    let scale = b.const_act(&[(hd as f32).powf(-0.5)], &[]);
     let q = b.op("Mul", &[&q, &scale], vec![]);
     let group = b.const_i64(&[0, kvh as i64, (nh / kvh) as i64, -1, hd as i64], &[5]);
     let q5 = b.op("Reshape", &[&q, &group], vec![]);
@@ -133,8 +134,10 @@ fn attention(
     let v5 = b.op("Unsqueeze", &[&present_v, &axes], vec![]);
     let kt = b.op("Transpose", &[&k5], vec![("perm", Attr::Ints(vec![0, 1, 2, 4, 3]))]);
     let scores = b.op("MatMul", &[&q5, &kt], vec![]);
+    let scores = to_f32(b, &scores);
     let masked = b.op("Add", &[&scores, &s.bias], vec![]);
     let probs = b.op("Softmax", &[&masked], vec![("axis", Attr::Int(-1))]);
+    let probs = to_act(b, &probs);
     let ctx5 = b.op("MatMul", &[&probs, &v5], vec![]);
     let ungroup = b.const_i64(&[0, nh as i64, -1, hd as i64], &[4]);
     let ctx = b.op("Reshape", &[&ctx5, &ungroup], vec![]);
@@ -158,6 +161,7 @@ fn mlp(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<Str
 /// Builds the decoder.
 pub fn build(b: &mut GraphBuilder, ck: &Checkpoint) -> Result<()> {
     let t = &ck.config.text;
+    let kv_dtype = b.numerics().act;
     let body = ck.weights(&ck.roots.text_body);
     let embeds = b.input(TensorSpec::new(
         "inputs_embeds",
@@ -169,14 +173,14 @@ pub fn build(b: &mut GraphBuilder, ck: &Checkpoint) -> Result<()> {
     let keep = b.input(TensorSpec::new("logits_to_keep", DType::I64, vec![Dim::Fixed(1)]));
     let mut past = Vec::new();
     for i in 0..t.layers {
-        let k = b.input(kv_spec(format!("past_key_values.{i}.key"), t, "past_sequence"));
-        let v = b.input(kv_spec(format!("past_key_values.{i}.value"), t, "past_sequence"));
+        let k = b.input(kv_spec(format!("past_key_values.{i}.key"), t, kv_dtype, "past_sequence"));
+        let v = b.input(kv_spec(format!("past_key_values.{i}.value"), t, kv_dtype, "past_sequence"));
         past.push((k, v));
     }
     let (cos, sin) = rotary(b, t, &positions);
     let bias = attention_bias(b, &embeds, &mask);
     let shared = Shared { cos, sin, bias };
-    let mut x = embeds.clone();
+    let mut x = to_act(b, &embeds);
     let mut presents = Vec::new();
     for (i, (pk, pv)) in past.iter().enumerate() {
         b.set_scope(&format!("layer{i}"));
@@ -197,13 +201,14 @@ pub fn build(b: &mut GraphBuilder, ck: &Checkpoint) -> Result<()> {
     let last = b.op("Slice", &[&normed, &start, &end, &axis], vec![]);
     let head = if ck.roots.lm_head.is_empty() { body.pp("embed_tokens") } else { ck.weights(&ck.roots.lm_head) };
     let logits = lm_head(b, &head, t, &last)?;
+    let logits = to_f32(b, &logits);
     b.output(
         &logits,
         TensorSpec::new("logits", DType::F32, vec![sym("batch"), sym("logits_len"), Dim::Fixed(t.vocab as i64)]),
     );
     for (i, (k, v)) in presents.iter().enumerate() {
-        b.output(k, kv_spec(format!("present.{i}.key"), t, "total_sequence"));
-        b.output(v, kv_spec(format!("present.{i}.value"), t, "total_sequence"));
+        b.output(k, kv_spec(format!("present.{i}.key"), t, kv_dtype, "total_sequence"));
+        b.output(v, kv_spec(format!("present.{i}.value"), t, kv_dtype, "total_sequence"));
     }
     Ok(())
 }

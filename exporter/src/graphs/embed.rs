@@ -17,6 +17,7 @@ pub fn build(b: &mut GraphBuilder, ck: &Checkpoint) -> Result<()> {
         vec![Dim::Symbolic("batch".into()), Dim::Symbolic("sequence".into())],
     ));
     let out = b.op("Gather", &[&table, &ids], vec![]);
+    let out = super::nn::to_f32(b, &out);
     b.output(
         &out,
         TensorSpec::new(

@@ -1,7 +1,14 @@
 //! Building blocks shared by the graphs: linear layers, norms, activations.
+use vl_runtime::manifest::DType;
+
 use crate::checkpoint::{Activation, Weights};
 use crate::error::Result;
-use crate::onnx::{Attr, GraphBuilder};
+use crate::onnx::{Attr, GraphBuilder, WeightFormat};
+use crate::quant::blocks;
+
+/// ONNX `TensorProto.DataType` codes used by `Cast`.
+const FLOAT: i64 = 1;
+const FLOAT16: i64 = 10;
 
 /// Transposes a row-major `[rows, cols]` matrix.
 pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -39,15 +46,40 @@ impl LinearOpts {
     }
 }
 
-/// `x @ W^T + b` for a PyTorch `Linear` stored as `[out, in]` under `w`.
+/// `x @ W^T + b` for a PyTorch `Linear` stored as `[out, in]` under `w`, with the weight
+/// stored as the builder's numerics say (float in the activation type, or quantized blocks).
 pub fn linear(b: &mut GraphBuilder, w: &Weights, x: &str, o: LinearOpts) -> Result<String> {
     let mut weight = w.f32("weight", &[o.out, o.inp])?;
     if o.scale != 1.0 {
         weight.iter_mut().for_each(|v| *v *= o.scale);
     }
-    let wt = b.weight_f32(&w.name("weight"), &[o.inp as i64, o.out as i64], &transpose(&weight, o.out, o.inp))?;
-    drop(weight);
-    let y = b.op("MatMul", &[x, &wt], vec![]);
+    let y = match b.numerics().weights {
+        WeightFormat::Float => {
+            let t = transpose(&weight, o.out, o.inp);
+            drop(weight);
+            let wt = b.weight_act(&w.name("weight"), &[o.inp as i64, o.out as i64], &t)?;
+            b.op("MatMul", &[x, &wt], vec![])
+        }
+        WeightFormat::Blocks { bits, block } => {
+            let q = blocks::quantize(&weight, o.out, o.inp, bits, block);
+            drop(weight);
+            let kb = q.k_blocks as i64;
+            let blob = (block * bits as usize / 8) as i64;
+            let codes = b.weight_u8(&w.name("weight.codes"), &[o.out as i64, kb, blob], &q.codes)?;
+            let scales = b.weight_act(&w.name("weight.scales"), &[o.out as i64 * kb], &q.scales)?;
+            b.ms_op(
+                "MatMulNBits",
+                &[x, &codes, &scales],
+                vec![
+                    ("K", Attr::Int(o.inp as i64)),
+                    ("N", Attr::Int(o.out as i64)),
+                    ("bits", Attr::Int(i64::from(bits))),
+                    ("block_size", Attr::Int(block as i64)),
+                    ("accuracy_level", Attr::Int(MATMUL_NBITS_ACCURACY)),
+                ],
+            )
+        }
+    };
     if !o.bias {
         return Ok(y);
     }
@@ -55,20 +87,55 @@ pub fn linear(b: &mut GraphBuilder, w: &Weights, x: &str, o: LinearOpts) -> Resu
     if o.scale != 1.0 {
         bias.iter_mut().for_each(|v| *v *= o.scale);
     }
-    let bn = b.weight_f32(&w.name("bias"), &[o.out as i64], &bias)?;
+    let bn = b.weight_act(&w.name("bias"), &[o.out as i64], &bias)?;
     Ok(b.op("Add", &[&y, &bn], vec![]))
 }
 
-/// `LayerNormalization` over the last axis with `weight` and `bias` under `w`.
+/// `MatMulNBits` accuracy level: 4 lets ONNX Runtime's CPU kernel quantize activations to int8
+/// per block and use integer dot products (its fastest path on AVX2).
+pub const MATMUL_NBITS_ACCURACY: i64 = 4;
+
+/// `x` cast to the activation type (a no-op in fp32 graphs).
+pub fn to_act(b: &mut GraphBuilder, x: &str) -> String {
+    match b.numerics().act {
+        DType::F16 => b.op("Cast", &[x], vec![("to", Attr::Int(FLOAT16))]),
+        _ => x.to_string(),
+    }
+}
+
+/// `x` (in the activation type) cast to f32 (a no-op in fp32 graphs).
+pub fn to_f32(b: &mut GraphBuilder, x: &str) -> String {
+    match b.numerics().act {
+        DType::F16 => b.op("Cast", &[x], vec![("to", Attr::Int(FLOAT))]),
+        _ => x.to_string(),
+    }
+}
+
+/// Softmax over the last axis, computed in f32 whatever the activation type.
+pub fn softmax(b: &mut GraphBuilder, x: &str) -> String {
+    let x32 = to_f32(b, x);
+    let p = b.op("Softmax", &[&x32], vec![("axis", Attr::Int(-1))]);
+    to_act(b, &p)
+}
+
+/// `LayerNormalization` over the last axis with `weight` and `bias` under `w`; statistics and
+/// parameters in f32 whatever the activation type.
 pub fn layer_norm(b: &mut GraphBuilder, w: &Weights, x: &str, dim: usize, eps: f32) -> Result<String> {
     let g = b.weight_f32(&w.name("weight"), &[dim as i64], &w.f32("weight", &[dim])?)?;
     let beta = b.weight_f32(&w.name("bias"), &[dim as i64], &w.f32("bias", &[dim])?)?;
-    Ok(b.op("LayerNormalization", &[x, &g, &beta], vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps))]))
+    let x32 = to_f32(b, x);
+    let y =
+        b.op("LayerNormalization", &[&x32, &g, &beta], vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps))]);
+    Ok(to_act(b, &y))
 }
 
 /// LLaMA's RMSNorm, in the pattern ONNX Runtime fuses into `SimplifiedLayerNormalization`.
+/// As transformers does, the statistics are f32 and the weight multiplies the result cast back
+/// to the activation type.
 pub fn rms_norm(b: &mut GraphBuilder, w: &Weights, x: &str, dim: usize, eps: f32) -> Result<String> {
-    let g = b.weight_f32(&w.name("weight"), &[dim as i64], &w.f32("weight", &[dim])?)?;
+    let g = b.weight_act(&w.name("weight"), &[dim as i64], &w.f32("weight", &[dim])?)?;
+    let x = to_f32(b, x);
+    let x = x.as_str();
     let two = b.const_f32(&[2.0], &[]);
     let sq = b.op("Pow", &[x, &two], vec![]);
     let mean = b.op("ReduceMean", &[&sq], vec![("axes", Attr::Ints(vec![-1])), ("keepdims", Attr::Int(1))]);
@@ -76,6 +143,7 @@ pub fn rms_norm(b: &mut GraphBuilder, w: &Weights, x: &str, dim: usize, eps: f32
     let var = b.op("Add", &[&mean, &e], vec![]);
     let std = b.op("Sqrt", &[&var], vec![]);
     let normed = b.op("Div", &[x, &std], vec![]);
+    let normed = to_act(b, &normed);
     Ok(b.op("Mul", &[&normed, &g], vec![]))
 }
 
@@ -83,15 +151,15 @@ pub fn rms_norm(b: &mut GraphBuilder, w: &Weights, x: &str, dim: usize, eps: f32
 pub fn activation(b: &mut GraphBuilder, x: &str, act: Activation) -> String {
     match act {
         Activation::QuickGelu => {
-            let k = b.const_f32(&[1.702], &[]);
+            let k = b.const_act(&[1.702], &[]);
             let kx = b.op("Mul", &[x, &k], vec![]);
             let s = b.op("Sigmoid", &[&kx], vec![]);
             b.op("Mul", &[x, &s], vec![])
         }
         Activation::Gelu => {
-            let inv_sqrt2 = b.const_f32(&[std::f32::consts::FRAC_1_SQRT_2], &[]);
-            let one = b.const_f32(&[1.0], &[]);
-            let half = b.const_f32(&[0.5], &[]);
+            let inv_sqrt2 = b.const_act(&[std::f32::consts::FRAC_1_SQRT_2], &[]);
+            let one = b.const_act(&[1.0], &[]);
+            let half = b.const_act(&[0.5], &[]);
             let scaled = b.op("Mul", &[x, &inv_sqrt2], vec![]);
             let erf = b.op("Erf", &[&scaled], vec![]);
             let plus = b.op("Add", &[&erf, &one], vec![]);

@@ -27,6 +27,37 @@ pub enum Attr {
 /// Inputs and outputs of a graph, as the manifest records them.
 pub type IoSpec = TensorSpec;
 
+/// How weights of linear layers are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// In the activation type.
+    Float,
+    /// Block-quantized along the input axis for `MatMulNBits` (ONNX Runtime contrib).
+    Blocks {
+        /// 4 or 8.
+        bits: u8,
+        /// Weights per block (a power of two, at least 16).
+        block: usize,
+    },
+}
+
+/// Numeric choices of one graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Numerics {
+    /// Element type of activations inside the graph (F32 or F16).
+    pub act: DType,
+    /// Storage of linear weights.
+    pub weights: WeightFormat,
+}
+
+impl Numerics {
+    /// fp32 throughout.
+    pub const FP32: Numerics = Numerics { act: DType::F32, weights: WeightFormat::Float };
+}
+
+/// The ONNX Runtime contrib operator domain.
+pub const MS_DOMAIN: &str = "com.microsoft";
+
 /// Builds one graph; weights go to `data` as they are added.
 pub struct GraphBuilder {
     name: String,
@@ -40,6 +71,8 @@ pub struct GraphBuilder {
     counter: usize,
     scope: String,
     progress: Option<indicatif::ProgressBar>,
+    numerics: Numerics,
+    uses_ms_domain: bool,
 }
 
 fn dtype_code(dtype: DType) -> i32 {
@@ -120,7 +153,19 @@ impl GraphBuilder {
             counter: 0,
             scope: String::new(),
             progress: None,
+            numerics: Numerics::FP32,
+            uses_ms_domain: false,
         }
+    }
+
+    /// Sets the numeric choices for the nodes added from now on.
+    pub fn set_numerics(&mut self, numerics: Numerics) {
+        self.numerics = numerics;
+    }
+
+    /// The numeric choices in force.
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
     }
 
     /// Reports written weight bytes to `bar`.
@@ -178,6 +223,16 @@ impl GraphBuilder {
         out
     }
 
+    /// Adds an ONNX Runtime contrib (`com.microsoft`) node with one output.
+    pub fn ms_op(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+        let out = self.op(op, inputs, attrs);
+        if let Some(node) = self.nodes.last_mut() {
+            node.domain = Some(MS_DOMAIN.to_string());
+        }
+        self.uses_ms_domain = true;
+        out
+    }
+
     /// Adds a node with `n` outputs.
     pub fn op_n(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>, n: usize) -> Vec<String> {
         let base = self.fresh(op);
@@ -209,8 +264,37 @@ impl GraphBuilder {
         name
     }
 
+    /// A small constant in the activation type (f16 values are rounded from `values`).
+    pub fn const_act(&mut self, values: &[f32], dims: &[i64]) -> String {
+        if self.numerics.act != DType::F16 {
+            return self.const_f32(values, dims);
+        }
+        let name = self.fresh("const");
+        let raw = values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        self.initializers.push(inline_tensor(&name, DType::F16, dims, raw));
+        name
+    }
+
     /// A weight: its bytes are appended to the external data file now.
     pub fn weight(&mut self, name: &str, dtype: DType, dims: &[i64], bytes: &[u8]) -> Result<String> {
+        self.weight_raw(name, dtype_code(dtype), dims, bytes)
+    }
+
+    /// A uint8 weight (packed quantized blocks).
+    pub fn weight_u8(&mut self, name: &str, dims: &[i64], bytes: &[u8]) -> Result<String> {
+        self.weight_raw(name, DataType::Uint8 as i32, dims, bytes)
+    }
+
+    /// A float weight stored in the activation type.
+    pub fn weight_act(&mut self, name: &str, dims: &[i64], values: &[f32]) -> Result<String> {
+        if self.numerics.act == DType::F16 {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+            return self.weight(name, DType::F16, dims, &bytes);
+        }
+        self.weight_f32(name, dims, values)
+    }
+
+    fn weight_raw(&mut self, name: &str, data_type: i32, dims: &[i64], bytes: &[u8]) -> Result<String> {
         let extent = self.data.append(bytes)?;
         if let Some(bar) = &self.progress {
             bar.inc(extent.length);
@@ -218,7 +302,7 @@ impl GraphBuilder {
         let entry = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
         self.initializers.push(TensorProto {
             name: Some(name.to_string()),
-            data_type: Some(dtype_code(dtype)),
+            data_type: Some(data_type),
             dims: dims.to_vec(),
             data_location: Some(proto::tensor_proto::DataLocation::External as i32),
             external_data: vec![
@@ -239,9 +323,13 @@ impl GraphBuilder {
     /// Finishes the graph: the model's bytes, its interface, and the data file's size and hash.
     pub fn finish(self, producer_version: &str) -> Result<FinishedGraph> {
         let (data_bytes, data_sha256) = self.data.finish()?;
+        let mut opset_import = vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(super::OPSET) }];
+        if self.uses_ms_domain {
+            opset_import.push(OperatorSetIdProto { domain: Some(MS_DOMAIN.into()), version: Some(1) });
+        }
         let model = ModelProto {
             ir_version: Some(IR_VERSION),
-            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(super::OPSET) }],
+            opset_import,
             producer_name: Some("vl-export".into()),
             producer_version: Some(producer_version.to_string()),
             graph: Some(GraphProto {

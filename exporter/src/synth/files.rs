@@ -27,6 +27,9 @@ fn feature_layer(s: &SynthSpec) -> serde_json::Value {
 
 /// Writes `config.json` and the tokenizer/processor configs.
 pub fn write_configs(s: &SynthSpec, ids: &SpecialIds, vocab: usize, out: &Path) -> Result<()> {
+    if s.layout == CheckpointLayout::Original {
+        return write_original_configs(s, ids, vocab, out);
+    }
     let rope = match s.rope_linear {
         Some(f) => json!({"rope_theta": 10000.0, "rope_type": "linear", "factor": f}),
         None => json!({"rope_theta": 10000.0, "rope_type": "default"}),
@@ -75,6 +78,72 @@ pub fn write_configs(s: &SynthSpec, ids: &SpecialIds, vocab: usize, out: &Path) 
     processor_files(s, out)
 }
 
+/// Where the original layout's tower configs go: `mm_*_tower` names a hub repository, whose last
+/// component `vl-export build` looks for inside the checkpoint directory.
+pub const ORIGINAL_VIDEO_TOWER: &str = "LanguageBind/LanguageBind_Video_merge";
+/// The image tower's hub name in the original config.
+pub const ORIGINAL_IMAGE_TOWER: &str = "LanguageBind/LanguageBind_Image";
+
+/// The original Video-LLaVA layout: a `LlavaLlamaForCausalLM` config with the LLaMA fields at the
+/// top level and `mm_*` fields, plus each LanguageBind tower's own config in a directory named
+/// after its hub repository (`LanguageBind_Video_merge/config.json`, `LanguageBind_Image/...`).
+fn write_original_configs(s: &SynthSpec, ids: &SpecialIds, vocab: usize, out: &Path) -> Result<()> {
+    let select_layer = match s.feature_layers.as_slice() {
+        [one] => *one,
+        many => return Err(Error::Invalid(format!("the original layout selects one vision layer, not {many:?}"))),
+    };
+    let config = json!({
+        "_name_or_path": "vl-export-synth/Video-LLaVA-7B",
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "model_type": "llava",
+        "torch_dtype": dtype_name(s),
+        "hidden_act": "silu", "hidden_size": s.text_hidden, "intermediate_size": s.text_intermediate,
+        "num_hidden_layers": s.text_layers, "num_attention_heads": s.heads, "num_key_value_heads": s.kv_heads,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": null, "vocab_size": vocab,
+        "max_position_embeddings": s.max_positions, "tie_word_embeddings": s.tie_embeddings,
+        "bos_token_id": ids.bos, "eos_token_id": ids.eos, "pad_token_id": ids.unk,
+        "mm_video_tower": ORIGINAL_VIDEO_TOWER, "mm_image_tower": ORIGINAL_IMAGE_TOWER,
+        "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": s.vision_hidden,
+        "mm_vision_select_layer": select_layer,
+        "mm_vision_select_feature": if s.keep_cls { "cls_patch" } else { "patch" },
+        "image_aspect_ratio": "pad", "mm_use_im_start_end": false, "mm_use_im_patch_token": false,
+        "use_mm_proj": true, "freeze_mm_mlp_adapter": false, "tune_mm_mlp_adapter": false,
+        "tokenizer_padding_side": "right",
+    });
+    write_json(out, "config.json", &config)?;
+    for (name, temporal) in [(ORIGINAL_VIDEO_TOWER, true), (ORIGINAL_IMAGE_TOWER, false)] {
+        let dir = out.join(name.rsplit('/').next().unwrap_or(name));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        write_json(&dir, "config.json", &languagebind_tower_config(s, temporal))?;
+    }
+    tokenizer_files(s, out)
+}
+
+/// A LanguageBind tower's `config.json` (`LanguageBindVideoConfig` / `LanguageBindImageConfig`:
+/// the vision fields under `vision_config`; exact GELU as LanguageBind's ViT-L/14).
+fn languagebind_tower_config(s: &SynthSpec, temporal: bool) -> serde_json::Value {
+    json!({
+        "model_type": if temporal { "LanguageBindVideo" } else { "LanguageBindImage" },
+        "vision_config": {
+            "model_type": "clip_vision_model", "hidden_act": "gelu",
+            "hidden_size": s.vision_hidden, "intermediate_size": s.vision_intermediate,
+            "num_hidden_layers": s.vision_layers, "num_attention_heads": s.vision_heads,
+            "image_size": s.image_size, "patch_size": s.patch_size, "layer_norm_eps": 1e-5,
+            "num_channels": 3, "projection_dim": s.vision_hidden,
+            "add_time_attn": temporal, "num_frames": if temporal { crate::export::NUM_FRAMES } else { 1 },
+            "video_decode_backend": "decord", "force_patch_dropout": 0.0,
+        },
+    })
+}
+
+fn dtype_name(s: &SynthSpec) -> &'static str {
+    match s.dtype {
+        super::WeightDtype::F32 => "float32",
+        super::WeightDtype::F16 => "float16",
+        super::WeightDtype::Bf16 => "bfloat16",
+    }
+}
+
 fn processor_files(s: &SynthSpec, out: &Path) -> Result<()> {
     let side = s.image_size;
     let image_processor = json!({
@@ -101,6 +170,10 @@ fn processor_files(s: &SynthSpec, out: &Path) -> Result<()> {
             "num_additional_image_tokens": 1,
         }),
     )?;
+    tokenizer_files(s, out)
+}
+
+fn tokenizer_files(s: &SynthSpec, out: &Path) -> Result<()> {
     write_json(
         out,
         "tokenizer_config.json",

@@ -1,4 +1,4 @@
-//! `vl-export synth`: complete checkpoints in the Hugging Face layout with random weights, for
+//! `vl-export synth`: complete checkpoints (Hugging Face port or original layout) with random weights, for
 //! tests, demos and benchmarks (real weights cannot be downloaded here).
 mod files;
 pub mod tokenizer;

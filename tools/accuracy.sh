@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Accuracy and CPU speed of each precision against fp32, on the real-weight checkpoint
+# (SmolLM2-135M LLM + synthesized vision tower; `make real-model`). Writes
+# work/accuracy/<precision>.json (vl-export eval) and bench/accuracy.md (the README's table).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=./target/release
+MODEL=work/smollm2-vl
+OUT=work/accuracy
+PRECISIONS=${PRECISIONS:-"fp16 int8 int8-weight int4-weight"}
+THREADS=${THREADS:-2}
+mkdir -p "$OUT" bench
+test -f "$MODEL/config.json" || { echo "no $MODEL: run make real-model first" >&2; exit 1; }
+test -f "$OUT/demo.mp4" || ffmpeg -loglevel error -y -f lavfi -i testsrc2=size=320x240:rate=25:duration=4 -pix_fmt yuv420p "$OUT/demo.mp4"
+
+engine() { echo "engines/smollm2-$1"; }
+build() {
+  local p=$1 extra=()
+  [ "$p" = int8 ] && extra=(--calib calib/default.yaml)
+  test -f "$(engine "$p")/manifest.yaml" || $BIN/vl-export build --model "$MODEL" --out "$(engine "$p")" --precision "$p" "${extra[@]}"
+}
+speed() {
+  $BIN/vl-run --engine "$(engine "$1")" --video "$OUT/demo.mp4" --prompt "Describe the video in detail." \
+    --max-new-tokens 64 --ignore-eos --threads "$THREADS" --json | tail -n 1 > "$OUT/$1.speed.json"
+}
+
+build fp32
+speed fp32
+for p in $PRECISIONS; do
+  if ! build "$p"; then echo "skipping $p: it does not build" >&2; continue; fi
+  $BIN/vl-export eval --engine "$(engine "$p")" --reference "$(engine fp32)" --video "$OUT/demo.mp4" \
+    --threads "$THREADS" --json "$OUT/$p.json" > "$OUT/$p.txt"
+  speed "$p"
+done
+python3 tools/accuracy_table.py "$OUT" fp32 $PRECISIONS > bench/accuracy.md
+cat bench/accuracy.md

@@ -34,8 +34,37 @@ fn vl_run() -> &'static Path {
         if !found.starts_with(&profile_dir) {
             eprintln!("note: using {} (this test was built for {})", found.display(), profile_dir.display());
         }
+        // The binary's own sources (the runtime's tests do not go into it).
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/src");
+        let built_at = std::fs::metadata(found).and_then(|m| m.modified()).unwrap();
+        if let Some(newer) = newest_file(&src).filter(|(t, _)| *t > built_at) {
+            panic!(
+                "{} is older than {}; rebuild it with `cargo build{build_flag} -p vl-runtime --bin vl-run`",
+                found.display(),
+                newer.1.display()
+            );
+        }
         found.clone()
     })
+}
+
+/// The most recently modified `.rs` file under `dir`.
+fn newest_file(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
+    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        let candidate = if path.is_dir() {
+            newest_file(&path)
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            entry.metadata().and_then(|m| m.modified()).ok().map(|t| (t, path))
+        } else {
+            None
+        };
+        if let Some(c) = candidate.filter(|c| newest.as_ref().is_none_or(|n| c.0 > n.0)) {
+            newest = Some(c);
+        }
+    }
+    newest
 }
 
 fn engine() -> &'static Path {

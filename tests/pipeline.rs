@@ -72,7 +72,7 @@ fn pipeline_is_send_and_sync() {
 /// One conversation of the concurrency test: media, question, options.
 fn request(i: usize) -> (String, GenerateOptions) {
     let g = golden();
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         return (text(&g["prompt"]).to_string(), greedy(32));
     }
     let sampling = SamplingParams {
@@ -359,14 +359,14 @@ fn many_requests_do_not_leak() {
     let _alone = EXCLUSIVE.write().unwrap_or_else(|p| p.into_inner());
     let p = pipeline();
     let mut baseline = 0.0;
-    for i in 0..200 {
+    for i in 0..200_usize {
         let mut chat = p.conversation(video_pixels()).unwrap();
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             assert_eq!(ask_stopping(&mut chat, 2).finish, FinishReason::Cancelled);
         } else {
             ask(&mut chat, "What is this?", &greedy(3));
         }
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             ask(&mut chat, "And then?", &greedy(2));
         }
         if i == 19 {

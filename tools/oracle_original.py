@@ -541,10 +541,11 @@ def write_goldens(args):
 
 def write_preprocess_goldens(fixture, seed, size):
     """Raw uint8 frames and what the original transforms make of them (non-square, so the
-    short-side resize and the half-pixel crop offsets are exercised)."""
+    short-side resize and the half-pixel crop offsets are exercised; one video is upscaled)."""
     rng = np.random.default_rng(seed + 2)
     cases = {}
-    for name, (h, w) in {"landscape": (size + 10, 2 * size), "portrait": (2 * size + 8, size + 1)}.items():
+    videos = {"landscape": (size + 10, 2 * size), "portrait": (2 * size + 8, size + 1), "upscaled": (size // 2, size - 3)}
+    for name, (h, w) in videos.items():
         raw = rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8)  # two frames show the layout
         fixture.save(f"preprocess_video_{name}_frames.npy", raw)
         fixture.save(f"preprocess_video_{name}_pixel_values.npy", original_video_transform(raw, size))

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::graphs::{GraphKind, vision};
 use crate::onnx::{ExternalData, GraphBuilder};
 use crate::precision::Plan;
+use crate::quant::calibrate::{CalibOptions, calibrate};
 
 /// Frames per video in Video-LLaVA.
 pub const NUM_FRAMES: usize = 8;
@@ -39,12 +40,23 @@ pub struct BuildOptions {
     pub progress: bool,
     /// Tower config directories of an original-layout checkpoint (`--video-tower`, `--image-tower`).
     pub towers: TowerDirs,
+    /// Calibration of an int8 build (`None`: the built-in spec). With fp32, `Some` folds the
+    /// SmoothQuant factors alone into the weights.
+    pub calib: Option<CalibOptions>,
 }
 
 impl BuildOptions {
     /// fp32 export of `model` into `out`.
     pub fn new(model: PathBuf, out: PathBuf) -> Self {
-        Self { model, out, precision: Precision::Fp32, block_size: 32, progress: false, towers: TowerDirs::default() }
+        Self {
+            model,
+            out,
+            precision: Precision::Fp32,
+            block_size: 32,
+            progress: false,
+            towers: TowerDirs::default(),
+            calib: None,
+        }
     }
 }
 
@@ -64,8 +76,18 @@ pub struct BuildReport {
 /// Exports the checkpoint in `opts.model` to `opts.out`.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     let started = Instant::now();
-    let plan = Plan::new(opts.precision, opts.block_size)?;
+    let mut plan = Plan::new(opts.precision, opts.block_size)?;
     let ck = Checkpoint::open_with(&opts.model, &opts.towers)?;
+    if opts.precision == Precision::Int8 || opts.calib.is_some() {
+        let calib =
+            opts.calib.clone().unwrap_or_else(|| CalibOptions { progress: opts.progress, ..Default::default() });
+        let calibration = calibrate(&ck, &calib)?;
+        if opts.progress {
+            let verb = if calibration.reused { "reused" } else { "wrote" };
+            eprintln!("{verb} calibration table {}", calibration.path.display());
+        }
+        plan = plan.with_calibration(calibration)?;
+    }
     let tokenizer_src = opts.model.join(TOKENIZER_FILE);
     if !tokenizer_src.is_file() {
         return Err(Error::Invalid(format!("{}: missing (the engine needs the tokenizer)", tokenizer_src.display())));
@@ -174,6 +196,9 @@ fn write_graph(kind: GraphKind, ck: &Checkpoint, plan: &Plan, dir: &Path, bar: &
     let mut b = GraphBuilder::new(kind.name(), data);
     b.set_progress(bar.clone());
     b.set_numerics(plan.numerics(kind));
+    if let Some(params) = plan.quant_params(kind) {
+        b.set_quant(params);
+    }
     kind.build(&mut b, ck)?;
     let done = b.finish(env!("CARGO_PKG_VERSION"))?;
     let path = dir.join(&file);
@@ -300,6 +325,21 @@ fn preprocess_config(ck: &Checkpoint, assumptions: &mut Vec<String>) -> Result<P
         });
     }
     Ok(cfg)
+}
+
+/// What an engine of `ck` feeds its graphs with: preprocessing, chat template and special
+/// tokens, as the manifest will say (calibration runs the graphs the same way).
+pub(crate) fn media_contract(ck: &Checkpoint) -> Result<(Preprocess, ChatTemplate, SpecialTokens)> {
+    let (c, t) = (&ck.config, &ck.config.text);
+    let mut unused = Vec::new();
+    let frames = c.vision.temporal.map_or(NUM_FRAMES, |t| t.frames);
+    let (image, recipe, template) = if ck.layout == CheckpointLayout::Original {
+        (original_preprocess_config(ck, &mut unused), PreprocessRecipe::Original, original_chat_template(frames))
+    } else {
+        (preprocess_config(ck, &mut unused)?, PreprocessRecipe::HfProcessor, hf_chat_template())
+    };
+    let tokens = SpecialTokens { bos: t.bos, eos: t.eos, pad: t.pad, image: c.image_token, video: c.video_token };
+    Ok((Preprocess { frames, sampling: FrameSamplingRule::LinspaceTruncate, image, recipe }, template, tokens))
 }
 
 fn manifest(ck: &Checkpoint, opts: &BuildOptions, plan: &Plan, graphs: Graphs) -> Result<Manifest> {

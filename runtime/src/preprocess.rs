@@ -380,29 +380,25 @@ enum Filter {
     Bicubic,
 }
 
-/// For each output index along one axis: the first input index and the weights from there.
-struct AxisTaps {
-    starts: Vec<usize>,
-    weights: Vec<Vec<f32>>,
-}
+/// For each output index along one axis: the input indices and their weights, in the order
+/// ATen sums them (an index can repeat: bilinear at the last pixel reads it twice).
+type AxisTaps = Vec<Vec<(usize, f32)>>;
 
 fn bilinear_taps(input: usize, output: usize) -> AxisTaps {
-    let mut taps = AxisTaps { starts: Vec::with_capacity(output), weights: Vec::with_capacity(output) };
     // ATen's `compute_source_index_and_lambda`, in f32 as its CPU kernel computes it.
     let scale = input as f32 / output as f32;
-    for dst in 0..output {
-        if input == output {
-            taps.starts.push(dst);
-            taps.weights.push(vec![1.0]);
-            continue;
-        }
-        let src = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
-        let i0 = (src.floor() as usize).min(input - 1);
-        let l1 = (src - i0 as f32).clamp(0.0, 1.0);
-        taps.starts.push(i0);
-        if i0 + 1 < input { taps.weights.push(vec![1.0 - l1, l1]) } else { taps.weights.push(vec![1.0 - l1]) }
-    }
-    taps
+    (0..output)
+        .map(|dst| {
+            if input == output {
+                return vec![(dst, 1.0)];
+            }
+            let src = (scale * (dst as f32 + 0.5) - 0.5).max(0.0);
+            let i0 = (src.floor() as usize).min(input - 1);
+            let l1 = (src - i0 as f32).clamp(0.0, 1.0);
+            let i1 = if i0 + 1 < input { i0 + 1 } else { i0 };
+            vec![(i0, 1.0 - l1), (i1, l1)]
+        })
+        .collect()
 }
 
 fn cubic(x: f32) -> f32 {
@@ -418,24 +414,24 @@ fn cubic(x: f32) -> f32 {
 }
 
 fn bicubic_aa_taps(input: usize, output: usize) -> AxisTaps {
-    let mut taps = AxisTaps { starts: Vec::with_capacity(output), weights: Vec::with_capacity(output) };
     // ATen's `_compute_indices_min_size_weights_aa` (the filter widened when downscaling).
     let scale = input as f32 / output as f32;
     let support = if scale >= 1.0 { 2.0 * scale } else { 2.0 };
     let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
-    for dst in 0..output {
-        let center = scale * (dst as f32 + 0.5);
-        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-        let xmax = ((center + support + 0.5) as i64).clamp(0, input as i64) as usize;
-        let mut w: Vec<f32> = (xmin..xmax.max(xmin)).map(|j| cubic((j as f32 - center + 0.5) * invscale)).collect();
-        let total: f32 = w.iter().sum();
-        if total != 0.0 {
-            w.iter_mut().for_each(|v| *v /= total);
-        }
-        taps.starts.push(xmin);
-        taps.weights.push(w);
-    }
-    taps
+    (0..output)
+        .map(|dst| {
+            let center = scale * (dst as f32 + 0.5);
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).clamp(0, input as i64) as usize;
+            let mut taps: Vec<(usize, f32)> =
+                (xmin..xmax.max(xmin)).map(|j| (j, cubic((j as f32 - center + 0.5) * invscale))).collect();
+            let total: f32 = taps.iter().map(|t| t.1).sum();
+            if total != 0.0 {
+                taps.iter_mut().for_each(|t| t.1 /= total);
+            }
+            taps
+        })
+        .collect()
 }
 
 fn taps(filter: Filter, input: usize, output: usize) -> AxisTaps {
@@ -445,11 +441,11 @@ fn taps(filter: Filter, input: usize, output: usize) -> AxisTaps {
     }
 }
 
-/// `sum_j w_j × src[(start + j) × stride]`, accumulated in order as ATen does.
-fn tap_sum(src: &[f32], start: usize, stride: usize, weights: &[f32]) -> f32 {
+/// `sum_j w_j × src[i_j × stride]`, accumulated in order as ATen does.
+fn tap_sum(src: &[f32], stride: usize, taps: &[(usize, f32)]) -> f32 {
     let mut acc = 0.0f32;
-    for (j, w) in weights.iter().enumerate() {
-        acc += src[(start + j) * stride] * w;
+    for &(i, w) in taps {
+        acc += src[i * stride] * w;
     }
     acc
 }
@@ -466,13 +462,13 @@ fn resize_planes(src: &[f32], src_w: u32, src_h: u32, width: u32, height: u32, f
         for y in 0..sh {
             let line = &plane[y * sw..(y + 1) * sw];
             for x in 0..w {
-                rows[y * w + x] = tap_sum(line, across.starts[x], 1, &across.weights[x]);
+                rows[y * w + x] = tap_sum(line, 1, &across[x]);
             }
         }
         let dst = &mut out[c * w * h..(c + 1) * w * h];
         for y in 0..h {
             for x in 0..w {
-                dst[y * w + x] = tap_sum(&rows[x..], down.starts[y], w, &down.weights[y]);
+                dst[y * w + x] = tap_sum(&rows[x..], w, &down[y]);
             }
         }
     }
@@ -610,6 +606,50 @@ mod tests {
         assert!(text.contains("\"resample\":\"bicubic\""), "{text}");
         let back: PreprocessConfig = serde_json::from_str(&text).expect("deserialize");
         assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn original_video_sizes_and_crop_offsets_follow_pytorchvideo_and_torchvision() {
+        // floor(w / h * 224) in float64, short side exact.
+        assert_eq!(short_side_scale_size(1280, 720, 224), (398, 224));
+        assert_eq!(short_side_scale_size(112, 66, 56), (95, 56));
+        assert_eq!(short_side_scale_size(57, 120, 56), (56, 117));
+        assert_eq!(short_side_scale_size(300, 300, 224), (224, 224));
+        // int(round(x / 2.0)) rounds halves to even.
+        assert_eq!(round_half_even_offset(95, 56), 20);
+        assert_eq!(round_half_even_offset(117, 56), 30);
+        assert_eq!(round_half_even_offset(398, 224), 87);
+    }
+
+    #[test]
+    fn original_video_recipe_keeps_constant_frames_constant() {
+        let cfg = PreprocessConfig::video_llava();
+        let f = frame(320, 180, |_, _, c| [10, 128, 250][c]);
+        let out = preprocess_video_original(&[f.clone(), f], &cfg).expect("preprocess");
+        assert_eq!(out.shape(), &[1, 2, 3, 224, 224]);
+        for c in 0..3 {
+            let want = (f32::from([10u8, 128, 250][c]) / 255.0 - cfg.mean[c]) / cfg.std[c];
+            let plane = out.index_axis(Axis(2), c);
+            assert!(plane.iter().all(|v| (v - want).abs() < 1e-5), "channel {c}");
+        }
+        let small = PreprocessConfig { size: 200, ..cfg };
+        assert!(matches!(
+            preprocess_video_original(&[frame(8, 8, |_, _, _| 0)], &small),
+            Err(VideoError::InvalidConfig(_))
+        ));
+    }
+
+    #[test]
+    fn original_image_recipe_pads_with_the_mean_color() {
+        let cfg = PreprocessConfig { size: 4, crop: 4, ..PreprocessConfig::video_llava() };
+        // A 4x2 white image: rows 0 and 3 of the 4x4 square are the mean color (122, 116, 104).
+        let out = preprocess_image_original(&frame(4, 2, |_, _, _| 255), &cfg).expect("preprocess");
+        for c in 0..3 {
+            let fill = (f32::from([122u8, 116, 104][c]) / 255.0 - cfg.mean[c]) / cfg.std[c];
+            let white = (1.0 - cfg.mean[c]) / cfg.std[c];
+            assert!((out[[0, c, 0, 1]] - fill).abs() < 1e-5, "channel {c}: {}", out[[0, c, 0, 1]]);
+            assert!((out[[0, c, 1, 1]] - white).abs() < 1e-5);
+        }
     }
 
     #[test]

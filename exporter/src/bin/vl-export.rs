@@ -6,6 +6,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vl_export::checkpoint::TowerDirs;
 use vl_export::eval::{EvalOptions, evaluate, parse_prompts};
 use vl_export::export::{BuildOptions, build};
+use vl_export::quant::calibrate::CalibOptions;
+use vl_export::quant::fusion::fusion_report;
+use vl_export::quant::stats::Method;
 use vl_export::synth::{Preset, SynthSpec, WeightDtype, synthesize};
 use vl_runtime::manifest::{CheckpointLayout, Precision};
 
@@ -39,6 +42,8 @@ enum Command {
         /// Original layout: the LanguageBind image tower's directory.
         #[arg(long)]
         image_tower: Option<PathBuf>,
+        #[command(flatten)]
+        calib: CalibArgs,
     },
     /// Write a checkpoint with random weights (Hugging Face port or original layout).
     Synth {
@@ -89,6 +94,17 @@ enum Command {
     /// Compare an engine with a reference engine (accuracy of a precision): video-feature cosine,
     /// KL and top-1 agreement of next-token distributions, perplexity, greedy common prefix.
     Eval(EvalArgs),
+    /// Optimize an engine's graphs as ONNX Runtime's CPU provider does and count the operators
+    /// left: shows whether an int8 engine's QDQ pairs were fused into integer matmuls.
+    Fusion {
+        /// Engine directory.
+        #[arg(long)]
+        engine: PathBuf,
+        /// Leave `session.qdqisint8allowed` off (ONNX Runtime's x86 default: int8 activations are
+        /// then not fused).
+        #[arg(long)]
+        no_int8_allowed: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -100,10 +116,66 @@ enum LayoutArg {
     Original,
 }
 
+/// Calibration of `--precision int8`.
+#[derive(clap::Args)]
+struct CalibArgs {
+    /// Calibration spec (YAML: videos, images, prompts, samples, method); default: the built-in
+    /// calib/default.yaml (generated test patterns: point it at your own data). With fp32,
+    /// folds the SmoothQuant factors alone into the weights (the model is unchanged).
+    #[arg(long)]
+    calib: Option<PathBuf>,
+    /// Override the spec's SmoothQuant migration strength (0 to 1).
+    #[arg(long)]
+    smoothquant_alpha: Option<f32>,
+    /// Override the spec's threshold method.
+    #[arg(long, value_enum)]
+    calib_method: Option<CalibMethodArg>,
+    /// Percentile of the `percentile` method.
+    #[arg(long, default_value_t = 99.99)]
+    calib_percentile: f64,
+    /// Where calibration tables are saved and looked up (default: tables/ beside the spec).
+    #[arg(long)]
+    calib_tables: Option<PathBuf>,
+}
+
+impl CalibArgs {
+    fn options(self, precision: Precision) -> Option<CalibOptions> {
+        let given = self.calib.is_some()
+            || self.smoothquant_alpha.is_some()
+            || self.calib_method.is_some()
+            || self.calib_tables.is_some();
+        if precision != Precision::Int8 && !given {
+            return None;
+        }
+        let method = self.calib_method.map(|m| match m {
+            CalibMethodArg::Max => Method::Max,
+            CalibMethodArg::Percentile => Method::Percentile(self.calib_percentile),
+            CalibMethodArg::Entropy => Method::Entropy,
+        });
+        Some(CalibOptions {
+            spec: self.calib,
+            alpha: self.smoothquant_alpha,
+            method,
+            table_dir: self.calib_tables,
+            progress: true,
+            threads: None,
+        })
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CalibMethodArg {
+    Max,
+    Percentile,
+    Entropy,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum PrecisionArg {
     Fp32,
     Fp16,
+    /// W8A8 with calibration and SmoothQuant (explicit QDQ graphs).
+    Int8,
     #[value(name = "int8-weight")]
     Int8Weight,
     #[value(name = "int4-weight")]
@@ -200,16 +272,29 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Build { model, out, precision, block_size, video_tower, image_tower } => {
+        Command::Build { model, out, precision, block_size, video_tower, image_tower, calib } => {
             let precision = match precision {
                 PrecisionArg::Fp32 => Precision::Fp32,
                 PrecisionArg::Fp16 => Precision::Fp16,
+                PrecisionArg::Int8 => Precision::Int8,
                 PrecisionArg::Int8Weight => Precision::Int8Weight,
                 PrecisionArg::Int4Weight => Precision::Int4Weight,
             };
             let towers = TowerDirs { video: video_tower, image: image_tower };
-            let opts =
-                BuildOptions { precision, block_size, progress: true, towers, ..BuildOptions::new(model, out.clone()) };
+            if let Some(a) = calib.smoothquant_alpha
+                && !(0.0..=1.0).contains(&a)
+            {
+                anyhow::bail!("--smoothquant-alpha {a}: must be in [0, 1]");
+            }
+            let calib = calib.options(precision);
+            let opts = BuildOptions {
+                precision,
+                block_size,
+                progress: true,
+                towers,
+                calib,
+                ..BuildOptions::new(model, out.clone())
+            };
             let report = build(&opts)?;
             println!("note: {}", report.notice);
             let rss = peak_rss_mb().map(|m| format!(", peak RSS {m:.0} MB")).unwrap_or_default();
@@ -269,6 +354,20 @@ fn main() -> Result<()> {
             println!("wrote a {:?} checkpoint to {}", preset, out.display());
         }
         Command::Eval(args) => run_eval(args)?,
+        Command::Fusion { engine, no_int8_allowed } => {
+            let manifest = vl_runtime::manifest::Manifest::load(&engine)?;
+            let scratch = tempfile::tempdir()?;
+            for (role, entry) in manifest.graphs.iter() {
+                let r = fusion_report(&engine.join(&entry.file), scratch.path(), !no_int8_allowed)?;
+                let ops: Vec<String> = r.ops.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                println!(
+                    "{role}: {} integer matmuls, {} matmuls on dequantized inputs; {}",
+                    r.integer_matmuls,
+                    r.dequantized_matmuls,
+                    ops.join(", ")
+                );
+            }
+        }
     }
     Ok(())
 }

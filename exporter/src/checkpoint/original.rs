@@ -137,7 +137,12 @@ pub(super) fn open(dir: &Path, path: &Path, value: serde_json::Value, towers: &T
     let store = TensorStore::open(dir)?;
     let missing = |probe: &str| Error::MissingTensor { name: probe.to_string(), dir: dir.to_path_buf() };
     let root = |name: &str| {
-        let candidates = [format!("model.{name}.{name}."), format!("model.{name}."), format!("{name}.")];
+        let candidates = [
+            format!("model.{name}.{name}."),
+            format!("model.{name}.{name}.vision_model."),
+            format!("model.{name}."),
+            format!("{name}."),
+        ];
         let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
         find_root(&store, &refs, "embeddings.patch_embedding.weight")
             .ok_or_else(|| missing(&format!("model.{name}.{name}.embeddings.patch_embedding.weight")))
@@ -292,7 +297,7 @@ impl TowerContext<'_> {
         };
         let has_temporal = self.store.contains(&format!("{root}encoder.layers.0.temporal_embedding"));
         let mut cfg = match &config_file {
-            Some(file) => self.from_file(which, file, has_temporal)?,
+            Some(file) => self.read_config(which, file, has_temporal)?,
             None => self.infer(which, root, named, has_temporal)?,
         };
         if which == Tower::Image && cfg.temporal.take().is_some() {
@@ -312,7 +317,7 @@ impl TowerContext<'_> {
         candidates.into_iter().map(|d| d.join("config.json")).find(|f| f.is_file())
     }
 
-    fn from_file(&mut self, which: Tower, file: &Path, has_temporal: bool) -> Result<VisionConfig> {
+    fn read_config(&mut self, which: Tower, file: &Path, has_temporal: bool) -> Result<VisionConfig> {
         let bad = |message: String| Error::Config { path: file.to_path_buf(), message };
         let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;

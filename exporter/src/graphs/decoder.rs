@@ -155,6 +155,7 @@ fn mlp(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<Str
     let up = linear(b, &w.pp("up_proj"), x, LinearOpts::new(h, m, bias))?;
     let act = activation(b, &gate, Activation::Silu);
     let prod = b.op("Mul", &[&act, &up], vec![]);
+    b.note_row_scaled(&prod, &w.pp("up_proj").name("weight"));
     linear(b, &w.pp("down_proj"), &prod, LinearOpts::new(m, h, bias))
 }
 
@@ -199,6 +200,7 @@ pub fn build(b: &mut GraphBuilder, ck: &Checkpoint) -> Result<()> {
     let end = b.const_i64(&[i64::MAX], &[1]);
     let axis = b.const_i64(&[1], &[1]);
     let last = b.op("Slice", &[&normed, &start, &end, &axis], vec![]);
+    b.note_same_channels(&last, &normed);
     let head = if ck.roots.lm_head.is_empty() { body.pp("embed_tokens") } else { ck.weights(&ck.roots.lm_head) };
     let logits = lm_head(b, &head, t, &last)?;
     let logits = to_f32(b, &logits);

@@ -4,7 +4,7 @@ use vl_runtime::manifest::DType;
 use crate::checkpoint::{Activation, Weights};
 use crate::error::Result;
 use crate::onnx::{Attr, GraphBuilder, WeightFormat};
-use crate::quant::blocks;
+use crate::quant::{blocks, int8};
 
 /// ONNX `TensorProto.DataType` codes used by `Cast`.
 const FLOAT: i64 = 1;
@@ -47,13 +47,32 @@ impl LinearOpts {
 }
 
 /// `x @ W^T + b` for a PyTorch `Linear` stored as `[out, in]` under `w`, with the weight
-/// stored as the builder's numerics say (float in the activation type, or quantized blocks).
+/// stored as the builder's numerics say (float in the activation type, quantized blocks, or
+/// int8 QDQ). SmoothQuant factors the builder holds for this weight multiply its columns.
 pub fn linear(b: &mut GraphBuilder, w: &Weights, x: &str, o: LinearOpts) -> Result<String> {
+    let weight_name = w.name("weight");
+    b.tap(x, &weight_name, o.inp);
     let mut weight = w.f32("weight", &[o.out, o.inp])?;
     if o.scale != 1.0 {
         weight.iter_mut().for_each(|v| *v *= o.scale);
     }
-    let y = match b.numerics().weights {
+    let quant = b.quant();
+    if let Some(s) = quant.as_ref().and_then(|q| q.column_factors.get(&weight_name)) {
+        for row in weight.chunks_exact_mut(o.inp) {
+            row.iter_mut().zip(s.iter()).for_each(|(v, f)| *v *= f);
+        }
+    }
+    let row_divisors = quant.as_ref().and_then(|q| q.row_divisors.get(&weight_name).cloned());
+    if let Some(d) = &row_divisors {
+        for (row, d) in weight.chunks_exact_mut(o.inp).zip(d.iter()) {
+            row.iter_mut().for_each(|v| *v /= d);
+        }
+    }
+    let mut format = b.numerics().weights;
+    if format == WeightFormat::Int8Qdq && quant.is_some_and(|q| q.float_linears.contains(&weight_name)) {
+        format = WeightFormat::Float;
+    }
+    let y = match format {
         WeightFormat::Float => {
             let t = transpose(&weight, o.out, o.inp);
             drop(weight);
@@ -79,6 +98,16 @@ pub fn linear(b: &mut GraphBuilder, w: &Weights, x: &str, o: LinearOpts) -> Resu
                 ],
             )
         }
+        WeightFormat::Int8Qdq => {
+            let xq = b.fake_quant_int8(x, b.act_scale(&weight_name)?);
+            let q = int8::quantize(&weight, o.out, o.inp);
+            drop(weight);
+            let codes = b.weight_i8(&w.name("weight.int8"), &[o.inp as i64, o.out as i64], &q.codes)?;
+            let scales = b.weight_f32(&w.name("weight.scale"), &[o.out as i64], &q.scales)?;
+            let zero = b.weight_i8(&w.name("weight.zero_point"), &[o.out as i64], &vec![0i8; o.out])?;
+            let wq = b.op("DequantizeLinear", &[&codes, &scales, &zero], vec![("axis", Attr::Int(1))]);
+            b.op("MatMul", &[&xq, &wq], vec![])
+        }
     };
     if !o.bias {
         return Ok(y);
@@ -86,6 +115,9 @@ pub fn linear(b: &mut GraphBuilder, w: &Weights, x: &str, o: LinearOpts) -> Resu
     let mut bias = w.f32("bias", &[o.out])?;
     if o.scale != 1.0 {
         bias.iter_mut().for_each(|v| *v *= o.scale);
+    }
+    if let Some(d) = &row_divisors {
+        bias.iter_mut().zip(d.iter()).for_each(|(v, d)| *v /= d);
     }
     let bn = b.weight_act(&w.name("bias"), &[o.out as i64], &bias)?;
     Ok(b.op("Add", &[&y, &bn], vec![]))
@@ -132,8 +164,14 @@ pub fn layer_norm(b: &mut GraphBuilder, w: &Weights, x: &str, dim: usize, eps: f
 /// LLaMA's RMSNorm, in the pattern ONNX Runtime fuses into `SimplifiedLayerNormalization`.
 /// As transformers does, the statistics are f32 and the weight multiplies the result cast back
 /// to the activation type.
+/// SmoothQuant divisors the builder holds for this norm divide its weight.
 pub fn rms_norm(b: &mut GraphBuilder, w: &Weights, x: &str, dim: usize, eps: f32) -> Result<String> {
-    let g = b.weight_act(&w.name("weight"), &[dim as i64], &w.f32("weight", &[dim])?)?;
+    let name = w.name("weight");
+    let mut gamma = w.f32("weight", &[dim])?;
+    if let Some(s) = b.quant().and_then(|q| q.norm_divisors.get(&name).cloned()) {
+        gamma.iter_mut().zip(s.iter()).for_each(|(g, d)| *g /= d);
+    }
+    let g = b.weight_act(&name, &[dim as i64], &gamma)?;
     let x = to_f32(b, x);
     let x = x.as_str();
     let two = b.const_f32(&[2.0], &[]);
@@ -144,7 +182,9 @@ pub fn rms_norm(b: &mut GraphBuilder, w: &Weights, x: &str, dim: usize, eps: f32
     let std = b.op("Sqrt", &[&var], vec![]);
     let normed = b.op("Div", &[x, &std], vec![]);
     let normed = to_act(b, &normed);
-    Ok(b.op("Mul", &[&normed, &g], vec![]))
+    let out = b.op("Mul", &[&normed, &g], vec![]);
+    b.note_norm_output(&out, &name);
+    Ok(out)
 }
 
 /// An activation function, from standard operators only.

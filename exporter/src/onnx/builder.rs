@@ -1,5 +1,8 @@
 //! A small builder for ONNX graphs: nodes by op name, constants inline, weights streamed to
 //! the external data file as soon as they are added.
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use prost::Message;
 use vl_runtime::manifest::{DType, Dim, TensorSpec};
 
@@ -9,7 +12,8 @@ use super::proto::{
     TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType,
     tensor_shape_proto, type_proto,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::quant::QuantParams;
 
 /// IR version matching opset 17.
 const IR_VERSION: i64 = 8;
@@ -39,6 +43,10 @@ pub enum WeightFormat {
         /// Weights per block (a power of two, at least 16).
         block: usize,
     },
+    /// W8A8 in explicit QDQ form (standard ONNX, TensorRT's explicit quantization): the input
+    /// goes through `QuantizeLinear`/`DequantizeLinear` with its calibrated per-tensor scale,
+    /// the weight is int8 per output channel behind `DequantizeLinear(axis = 1)`.
+    Int8Qdq,
 }
 
 /// Numeric choices of one graph.
@@ -73,6 +81,43 @@ pub struct GraphBuilder {
     progress: Option<indicatif::ProgressBar>,
     numerics: Numerics,
     uses_ms_domain: bool,
+    quant: Option<Arc<QuantParams>>,
+    taps: Option<Taps>,
+    qdq: HashMap<(String, u32), String>,
+}
+
+/// A linear layer's input recorded as an extra graph output, for calibration.
+#[derive(Debug, Clone)]
+pub struct Tap {
+    /// The graph output (`calib/<first consumer's weight name>`).
+    pub output: String,
+    /// The tensor inside the graph.
+    pub tensor: String,
+    /// Weight names of the linears that read it.
+    pub consumers: Vec<String>,
+    /// Channels (its last axis).
+    pub channels: usize,
+    /// Where a SmoothQuant division of its channels can be folded, if anywhere.
+    pub source: Option<SmoothSource>,
+}
+
+/// What produces a tensor channel by channel, so that dividing its channel `j` by `s_j` can
+/// be folded into a weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SmoothSource {
+    /// The output of an RMSNorm (directly, or through a per-position slice): the norm's
+    /// weight (named here) is divided.
+    Norm(String),
+    /// Proportional to output channel `j` of a linear (`silu(gate) * up` to `up`'s): that
+    /// linear's weight rows (named here) and bias are divided.
+    Rows(String),
+}
+
+#[derive(Default)]
+struct Taps {
+    list: Vec<Tap>,
+    by_tensor: HashMap<String, usize>,
+    source_of: HashMap<String, SmoothSource>,
 }
 
 fn dtype_code(dtype: DType) -> i32 {
@@ -155,7 +200,116 @@ impl GraphBuilder {
             progress: None,
             numerics: Numerics::FP32,
             uses_ms_domain: false,
+            quant: None,
+            taps: None,
+            qdq: HashMap::new(),
         }
+    }
+
+    /// Sets the SmoothQuant factors and activation scales the graph code looks up.
+    pub fn set_quant(&mut self, params: Arc<QuantParams>) {
+        self.quant = Some(params);
+    }
+
+    /// The SmoothQuant factors and activation scales in force, if any.
+    pub fn quant(&self) -> Option<Arc<QuantParams>> {
+        self.quant.clone()
+    }
+
+    /// Records the input of every linear layer as an extra graph output from now on (the
+    /// calibration variant of a graph). Node names are unaffected, so tensor names match the
+    /// graph built without taps.
+    pub fn enable_taps(&mut self) {
+        self.taps = Some(Taps::default());
+    }
+
+    /// Records `tensor` (with `channels` on its last axis) as read by the linear whose weight
+    /// is `consumer` (a no-op unless taps are enabled).
+    pub fn tap(&mut self, tensor: &str, consumer: &str, channels: usize) {
+        let Some(taps) = &mut self.taps else { return };
+        if let Some(&i) = taps.by_tensor.get(tensor) {
+            taps.list[i].consumers.push(consumer.to_string());
+            return;
+        }
+        let output = format!("calib/{consumer}");
+        self.nodes.push(NodeProto {
+            input: vec![tensor.to_string()],
+            output: vec![output.clone()],
+            name: Some(output.clone()),
+            op_type: Some("Identity".into()),
+            ..Default::default()
+        });
+        self.outputs.push(ValueInfoProto {
+            name: Some(output.clone()),
+            r#type: Some(TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(DataType::Float as i32),
+                    shape: None,
+                })),
+                denotation: None,
+            }),
+            ..Default::default()
+        });
+        taps.by_tensor.insert(tensor.to_string(), taps.list.len());
+        taps.list.push(Tap {
+            output,
+            tensor: tensor.to_string(),
+            consumers: vec![consumer.to_string()],
+            channels,
+            source: taps.source_of.get(tensor).cloned(),
+        });
+    }
+
+    /// Notes that `tensor` is the output of the RMSNorm whose weight is `norm_weight`, or the
+    /// same channels as such an output (a no-op unless taps are enabled).
+    pub fn note_norm_output(&mut self, tensor: &str, norm_weight: &str) {
+        if let Some(taps) = &mut self.taps {
+            taps.source_of.insert(tensor.to_string(), SmoothSource::Norm(norm_weight.to_string()));
+        }
+    }
+
+    /// Notes that channel `j` of `tensor` is proportional to output channel `j` of the linear
+    /// whose weight is `weight` (a no-op unless taps are enabled).
+    pub fn note_row_scaled(&mut self, tensor: &str, weight: &str) {
+        if let Some(taps) = &mut self.taps {
+            taps.source_of.insert(tensor.to_string(), SmoothSource::Rows(weight.to_string()));
+        }
+    }
+
+    /// Notes that `tensor` has the channels of `source` position by position (a slice of
+    /// positions), so a norm output stays one through it.
+    pub fn note_same_channels(&mut self, tensor: &str, source: &str) {
+        if let Some(taps) = &mut self.taps
+            && let Some(s) = taps.source_of.get(source).cloned()
+        {
+            taps.source_of.insert(tensor.to_string(), s);
+        }
+    }
+
+    /// `DequantizeLinear(QuantizeLinear(x))` with per-tensor `scale` and int8 zero point 0.
+    /// One pair per tensor and scale: linears that share an input share its pair.
+    pub fn fake_quant_int8(&mut self, x: &str, scale: f32) -> String {
+        let key = (x.to_string(), scale.to_bits());
+        if let Some(out) = self.qdq.get(&key) {
+            return out.clone();
+        }
+        let s = self.const_f32(&[scale], &[]);
+        let zp = self.const_i8(&[0], &[]);
+        let q = self.op("QuantizeLinear", &[x, &s, &zp], vec![]);
+        let dq = self.op("DequantizeLinear", &[&q, &s, &zp], vec![]);
+        self.qdq.insert(key, dq.clone());
+        dq
+    }
+
+    /// The calibrated activation scale of the linear whose weight is `weight`.
+    pub fn act_scale(&self, weight: &str) -> Result<f32> {
+        self.quant.as_ref().and_then(|q| q.act_scales.get(weight).copied()).ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: no activation scale for {weight} in the calibration table (recalibrate: the table does not \
+                 match this checkpoint)",
+                self.name
+            ))
+        })
     }
 
     /// Sets the numeric choices for the nodes added from now on.
@@ -256,6 +410,20 @@ impl GraphBuilder {
         name
     }
 
+    /// A small int8 constant, stored inline.
+    pub fn const_i8(&mut self, values: &[i8], dims: &[i64]) -> String {
+        let name = self.fresh("const");
+        let raw = values.iter().map(|v| v.to_le_bytes()[0]).collect();
+        self.initializers.push(TensorProto {
+            name: Some(name.clone()),
+            data_type: Some(DataType::Int8 as i32),
+            dims: dims.to_vec(),
+            raw_data: Some(raw),
+            ..Default::default()
+        });
+        name
+    }
+
     /// A small float constant, stored inline.
     pub fn const_f32(&mut self, values: &[f32], dims: &[i64]) -> String {
         let name = self.fresh("const");
@@ -283,6 +451,11 @@ impl GraphBuilder {
     /// A uint8 weight (packed quantized blocks).
     pub fn weight_u8(&mut self, name: &str, dims: &[i64], bytes: &[u8]) -> Result<String> {
         self.weight_raw(name, DataType::Uint8 as i32, dims, bytes)
+    }
+
+    /// An int8 weight (quantized codes).
+    pub fn weight_i8(&mut self, name: &str, dims: &[i64], codes: &[i8]) -> Result<String> {
+        self.weight_raw(name, DataType::Int8 as i32, dims, bytemuck::cast_slice(codes))
     }
 
     /// A float weight stored in the activation type.
@@ -348,6 +521,7 @@ impl GraphBuilder {
             outputs: self.specs_out,
             data_bytes,
             data_sha256,
+            taps: self.taps.map(|t| t.list).unwrap_or_default(),
         })
     }
 }
@@ -364,4 +538,6 @@ pub struct FinishedGraph {
     pub data_bytes: u64,
     /// SHA-256 of the external data file.
     pub data_sha256: String,
+    /// The linear inputs recorded as extra outputs (calibration graphs only).
+    pub taps: Vec<Tap>,
 }

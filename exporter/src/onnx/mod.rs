@@ -9,7 +9,9 @@ pub mod proto {
 mod builder;
 mod external;
 
-pub use builder::{Attr, FinishedGraph, GraphBuilder, IoSpec, MS_DOMAIN, Numerics, WeightFormat, inline_tensor};
+pub use builder::{
+    Attr, FinishedGraph, GraphBuilder, IoSpec, MS_DOMAIN, Numerics, SmoothSource, Tap, WeightFormat, inline_tensor,
+};
 pub use external::ExternalData;
 
 /// The opset of the default (TensorRT-parsable) target. 17 is the first with

@@ -316,15 +316,20 @@ pub fn run(plan: &RunPlan, log: &dyn Fn(&str)) -> Result<report::Report> {
     }
 
     let reserve = Duration::from_secs(15); // report and plot
+    let with_curves = |i: usize| match plan.scaling {
+        ScalingChoice::None => false,
+        ScalingChoice::First => i == 0,
+        ScalingChoice::All => true,
+    };
+    // An engine with curves does about twice the work of one without; the first engine (fp32,
+    // the one the targets are about) must not be starved by the precisions after it.
+    let weight = |i: usize| if with_curves(i) { 3 } else { 1 };
     for (i, engine) in engines.iter().enumerate() {
         let left = deadline.saturating_duration_since(Instant::now()).saturating_sub(reserve);
-        let budget = left / (engines.len() - i) as u32;
+        let weights_left: u32 = (i..engines.len()).map(weight).sum();
+        let budget = left * weight(i) / weights_left.max(1);
         let name = engine.file_name().map_or_else(|| format!("engine{i}"), |n| n.to_string_lossy().into_owned());
-        let with_curves = match plan.scaling {
-            ScalingChoice::None => false,
-            ScalingChoice::First => i == 0,
-            ScalingChoice::All => true,
-        };
+        let with_curves = with_curves(i);
         log(&format!("[bench] {}: budget {}", engine.display(), secs(budget)));
         let mut cmd = Command::new(&plan.exe);
         cmd.arg("engine")

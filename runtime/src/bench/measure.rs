@@ -86,6 +86,27 @@ fn dtype_bytes(d: DType) -> u64 {
     }
 }
 
+/// One answer and when its tokens reached the caller.
+struct Asked {
+    answer: Answer,
+    /// The whole `ask`, conversation creation included.
+    wall_ms: f64,
+    /// When each token reached the streaming callback, from the start of the request.
+    arrivals_ms: Vec<f64>,
+}
+
+impl Asked {
+    /// Time to first token and mean time between tokens, as the caller sees them (the same
+    /// definitions as the baseline's, which timestamps `generate()`'s streamer).
+    fn token_times(&self) -> (f64, f64) {
+        match self.arrivals_ms.as_slice() {
+            [] => (f64::NAN, f64::NAN),
+            [first] => (*first, f64::NAN),
+            [first, .., last] => (*first, (last - first) / (self.arrivals_ms.len() - 1) as f64),
+        }
+    }
+}
+
 /// The first `frames` frames of `pixels` (frame 0 repeated when more are asked than exist).
 fn first_frames(pixels: &Array5<f32>, frames: usize) -> Array5<f32> {
     let have = pixels.shape()[1];
@@ -135,16 +156,23 @@ pub fn measure_engine(plan: &EnginePlan, log: &dyn Fn(&str)) -> Result<SystemRun
         }
     }
 
-    let ask = |tokens: usize| -> Result<(Answer, f64)> {
+    let ask = |tokens: usize| -> Result<Asked> {
         let opts = GenerateOptions { max_new_tokens: tokens, ignore_eos: true, ..GenerateOptions::default() };
         let t = Instant::now();
+        let mut arrivals = Vec::with_capacity(tokens);
         let mut chat = pipeline.conversation(Media::VideoPixels(pixels.clone()))?;
-        let answer = chat.ask(&plan.question, &opts, &mut |_| Flow::Continue)?;
-        Ok((answer, ms(t.elapsed())))
+        let answer = chat.ask(&plan.question, &opts, &mut |event| {
+            if event.id.is_some() {
+                arrivals.push(ms(t.elapsed()));
+            }
+            Flow::Continue
+        })?;
+        Ok(Asked { answer, wall_ms: ms(t.elapsed()), arrivals_ms: arrivals })
     };
     let mut estimate = None;
     for i in 0..plan.warmup {
-        let (a, wall) = ask(plan.warmup_tokens)?;
+        let asked = ask(plan.warmup_tokens)?;
+        let (a, wall) = (&asked.answer, asked.wall_ms);
         let t = &a.timings;
         log(&format!(
             "[{label}] warm-up {}/{}: vision {:.0} ms, prefill {:.0} ms, {:.1} ms/token, {:.1} s",
@@ -184,22 +212,22 @@ pub fn measure_engine(plan: &EnginePlan, log: &dyn Fn(&str)) -> Result<SystemRun
 
     let mut tokens = Vec::new();
     for i in 0..reps {
-        let (a, wall) = ask(plan.new_tokens)?;
-        let t = &a.timings;
+        let asked = ask(plan.new_tokens)?;
+        let t = &asked.answer.timings;
+        let (ttft, per_token) = asked.token_times();
         samples.vision_ms.push(t.vision_ms);
         samples.prefill_ms.push(t.prefill_ms);
-        samples.ttft_ms.push(t.time_to_first_token_ms);
-        samples.decode_ms_per_token.push(t.ms_per_token());
-        samples.answer_ms.push(wall);
+        samples.ttft_ms.push(ttft);
+        samples.decode_ms_per_token.push(per_token);
+        samples.answer_ms.push(asked.wall_ms);
         log(&format!(
-            "[{label}] rep {}/{reps}: vision {:.0} ms, prefill {:.0} ms, {:.1} ms/token, answer {:.1} s",
+            "[{label}] rep {}/{reps}: vision {:.0} ms, prefill {:.0} ms, {per_token:.1} ms/token, answer {:.1} s",
             i + 1,
             t.vision_ms,
             t.prefill_ms,
-            t.ms_per_token(),
-            wall / 1000.0
+            asked.wall_ms / 1000.0
         ));
-        tokens = a.token_ids;
+        tokens = asked.answer.token_ids;
     }
     let peak = peak_rss_mb().unwrap_or(f64::NAN);
 

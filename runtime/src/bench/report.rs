@@ -280,7 +280,7 @@ fn targets(
     let mut out = Vec::new();
     let mut at_least = |what: &str, goal: f64, reached: Option<f64>, unit: &str| {
         if let Some(r) = reached {
-            let fmt = |v: f64| if unit == "%" { format!("{:.0}%", v * 100.0) } else { format!("{v:.2}{unit}") };
+            let fmt = |v: f64| if unit == "%" { format!("{:.1}%", v * 100.0) } else { format!("{v:.2}{unit}") };
             out.push(Target { what: what.into(), goal: format!("≥ {}", fmt(goal)), reached: fmt(r), met: r >= goal });
         }
     };
@@ -412,12 +412,14 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(
         out,
         "Prompt: {} tokens ({} frames of visual tokens and the question); answers of {} tokens, greedy, EOS ignored; \
-         the same pixel values and prompt ids for every system. Cells: median [min–max] over the measured repetitions \
-         (after warm-up).\n",
+         the same pixel values and prompt ids for every system. Cells: median [min–max] over the n measured \
+         repetitions (after warm-up). The bandwidth bound is the bytes a decode step must read (decoder weights \
+         and the KV cache at the answer's mean context) at the measured read bandwidth; shares of peak GEMM count \
+         useful FLOPs (layers up to the feature layer, causal attention as half the square).\n",
         first.prompt_tokens, first.frames, first.new_tokens
     );
 
-    let labels: Vec<String> = r.systems.iter().map(|s| format!("{} ({}×)", s.label, s.reps)).collect();
+    let labels: Vec<String> = r.systems.iter().map(|s| format!("{} (n={})", s.label, s.reps)).collect();
     header(&mut out, "stage", &labels);
     for stage in Stage::ALL {
         let cells = r.systems.iter().map(|s| s.stages.get(stage.key()).map_or("–".into(), |v| stage.format(v)));

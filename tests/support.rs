@@ -32,9 +32,24 @@ pub struct Built {
     pub engine: PathBuf,
 }
 
+/// A per-process directory under `$TMPDIR/vl-e2e/`. Statics are never dropped, so each test
+/// process removes the directories of earlier processes that are no longer running.
 fn scratch() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("temp dir")).path()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = std::env::temp_dir().join("vl-e2e");
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for entry in entries.flatten() {
+                let pid = entry.file_name().to_string_lossy().parse::<u32>().ok();
+                if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let dir = root.join(std::process::id().to_string());
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        dir
+    })
 }
 
 /// Synthesizes and exports fixture case `name` once per test process.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -47,7 +47,7 @@ pub enum Error {
         found: String,
     },
     /// ONNX Runtime could not create a session for a graph.
-    #[error("{path}: ONNX Runtime could not load it: {source}")]
+    #[error("{path}: ONNX Runtime could not load it")]
     Session {
         /// The graph file.
         path: PathBuf,

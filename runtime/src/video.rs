@@ -39,7 +39,7 @@ pub enum VideoError {
     #[error("ffprobe was not found on PATH; {INSTALL_HINT}")]
     FfprobeMissing,
     /// `ffmpeg` or `ffprobe` could not be started.
-    #[error("{path}: could not run {tool}: {source}")]
+    #[error("{path}: could not run {tool}")]
     Spawn {
         /// The input file.
         path: PathBuf,
@@ -62,7 +62,7 @@ pub enum VideoError {
         path: PathBuf,
     },
     /// The input file could not be read.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io {
         /// The input file.
         path: PathBuf,
@@ -184,7 +184,7 @@ pub enum VideoError {
     #[error("resize buffer: {0}")]
     ResizeBuffer(#[from] fast_image_resize::ImageBufferError),
     /// A `--pixel-values` file could not be read as a float32 `.npy` array.
-    #[error("{path}: not a readable float32 .npy array: {source}")]
+    #[error("{path}: not a readable float32 .npy array")]
     PixelValuesRead {
         /// The `.npy` file.
         path: PathBuf,

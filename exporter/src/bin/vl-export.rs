@@ -270,7 +270,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
+fn run() -> Result<()> {
     match Cli::parse().command {
         Command::Build { model, out, precision, block_size, video_tower, image_tower, calib } => {
             let precision = match precision {
@@ -370,4 +370,15 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Errors are printed as one chain (`error: what: why`), without a backtrace, and exit with 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -356,7 +356,7 @@ pub fn run(plan: &RunPlan, log: &dyn Fn(&str)) -> Result<report::Report> {
         }
         // The child cuts its repetitions to the budget; this stops one whose single answer is
         // already far over it.
-        let hard = Instant::now() + budget * 3 / 2 + Duration::from_secs(60);
+        let hard = (Instant::now() + budget * 3 / 2 + Duration::from_secs(60)).min(deadline + Duration::from_secs(30));
         if let Err(e) = run_child_until(&format!("vl-bench engine {}", engine.display()), &mut cmd, Some(hard)) {
             log(&format!("[bench] {}: {e}", engine.display()));
             skipped.push(Skipped { what: engine.display().to_string(), reason: e.to_string() });

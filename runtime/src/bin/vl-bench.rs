@@ -112,6 +112,10 @@ enum Cmd {
         /// Wall-clock budget for the run (engines' repetitions are cut to fit).
         #[arg(long, default_value_t = 780)]
         budget_s: u64,
+        /// Or an absolute end (Unix seconds), e.g. 14 minutes after `make bench` started, so that
+        /// installing and exporting count against it.
+        #[arg(long)]
+        deadline_unix: Option<u64>,
         /// Smoke test: 1 repetition, no warm-up, 8 tokens, 2 frames, short curves; the outputs
         /// say the numbers are noisy. Overrides the counts above.
         #[arg(long)]
@@ -223,8 +227,16 @@ fn main() -> Result<()> {
             scaling,
             curves,
             budget_s,
+            deadline_unix,
             smoke,
         } => {
+            let budget = match deadline_unix {
+                Some(end) => {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+                    Duration::from_secs(end.saturating_sub(now))
+                }
+                None => Duration::from_secs(budget_s),
+            };
             let mut plan = RunPlan {
                 model,
                 engines,
@@ -247,7 +259,7 @@ fn main() -> Result<()> {
                     ScalingArg::All => ScalingChoice::All,
                 },
                 curves: curves.plan(),
-                budget: Duration::from_secs(budget_s),
+                budget,
                 smoke,
                 command: command_line,
             };

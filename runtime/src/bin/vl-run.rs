@@ -103,7 +103,7 @@ fn print_stats(answer: &Answer) {
     );
 }
 
-fn main() -> Result<()> {
+fn run() -> Result<()> {
     let cli = Cli::parse();
     let device = match cli.device {
         DeviceArg::Cpu => Device::Cpu,
@@ -208,4 +208,15 @@ fn loading_spinner() -> Arc<indicatif::ProgressBar> {
     let bar = indicatif::ProgressBar::new_spinner().with_message("loading the engine");
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     Arc::new(bar)
+}
+
+/// Errors are printed as one chain (`error: what: why`), without a backtrace, and exit with 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

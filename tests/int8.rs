@@ -1,0 +1,170 @@
+//! `--precision int8` on the tiny preset: SmoothQuant folding alone leaves the fp32 model's
+//! outputs unchanged, a calibration table is reused by a second build with the same key and
+//! only by it, its TensorRT caches name tensors of the fp32 graph, and ONNX Runtime's CPU
+//! provider fuses every QDQ linear into an integer matmul. (Accuracy against the transformers
+//! goldens is in tests/precision.rs with the other precisions.)
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use ndarray::{ArrayD, Ix5};
+use ndarray_npy::read_npy;
+use prost::Message;
+use serde_json::Value;
+use vl_e2e::{built, fixture_dir, max_abs_diff};
+use vl_export::checkpoint::Checkpoint;
+use vl_export::export::{BuildOptions, build};
+use vl_export::onnx::proto::ModelProto;
+use vl_export::quant::calibrate::{CalibOptions, calibrate};
+use vl_export::quant::fusion::fusion_report;
+use vl_export::quant::stats::Method;
+use vl_runtime::generate::Splice;
+use vl_runtime::kv_cache::KvCache;
+use vl_runtime::manifest::Precision;
+use vl_runtime::{Media, Pipeline, PipelineOptions};
+
+/// A quick spec: two generated videos, one image, three samples, both kinds of smoothing.
+const SPEC: &str = "\
+samples: 3
+method: max
+smoothquant_down_proj: true
+videos:
+  - generated: testsrc2=size=160x120:rate=10
+    seconds: 1
+  - generated: mandelbrot=size=160x120:rate=10
+    seconds: 1
+images:
+  - generated: smptehdbars=size=160x120
+prompts:
+  - What is happening in this video?
+  - Describe the colors.
+";
+
+fn spec_in(dir: &Path, extra: &str) -> CalibOptions {
+    let path = dir.join("spec.yaml");
+    std::fs::write(&path, format!("{SPEC}{extra}")).unwrap();
+    CalibOptions { spec: Some(path), table_dir: Some(dir.join("tables")), ..CalibOptions::default() }
+}
+
+/// Video features and the logits of every prompt position for the golden inputs.
+fn run_golden(engine: &Path) -> (Vec<f32>, Vec<f32>) {
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir("tiny").join("golden.json")).unwrap()).unwrap();
+    let prompt: Vec<u32> = golden["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let px: ArrayD<f32> = read_npy(fixture_dir("tiny").join("pixel_values_videos.npy")).unwrap();
+    let px = std::sync::Arc::new(px.into_dimensionality::<Ix5>().unwrap());
+    let p = Pipeline::load(engine, PipelineOptions::default()).unwrap();
+    let visual = p.visual(&Media::VideoPixels(px)).unwrap().unwrap();
+    let splice = Splice { token: p.manifest().tokens.video, features: visual.features.view() };
+    let mut kv = KvCache::new(&p.manifest().model).unwrap();
+    let logits = p.language_model().forward_logits(&mut kv, &prompt, Some(&splice), prompt.len()).unwrap();
+    (visual.features.iter().copied().collect(), logits)
+}
+
+#[test]
+fn smoothquant_folding_alone_leaves_fp32_outputs_unchanged() {
+    let base = built("tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("fp32-smoothed");
+    let opts = BuildOptions {
+        calib: Some(spec_in(dir.path(), "")),
+        ..BuildOptions::new(base.checkpoint.clone(), out.clone())
+    };
+    let report = build(&opts).unwrap();
+    assert_eq!(report.manifest.precision, Precision::Fp32);
+    assert!(report.manifest.numerics.iter().any(|n| n.contains("SmoothQuant")), "{:?}", report.manifest.numerics);
+    let (feat_ref, logits_ref) = run_golden(&base.engine);
+    let (feat, logits) = run_golden(&out);
+    assert_eq!(feat, feat_ref, "the vision graphs are not smoothed");
+    let scale = logits_ref.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = max_abs_diff(&logits, &logits_ref);
+    eprintln!("smoothed fp32: max logit difference {diff:.2e} (logits up to {scale:.2})");
+    assert!(diff <= 1e-5 * scale.max(1.0), "smoothing changed the logits by {diff}");
+}
+
+#[test]
+fn a_table_is_reused_only_under_the_same_key() {
+    let base = built("tiny");
+    let ck = Checkpoint::open(&base.checkpoint).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let opts = spec_in(dir.path(), "");
+    let first = calibrate(&ck, &opts).unwrap();
+    assert!(!first.reused);
+    let again = calibrate(&ck, &opts).unwrap();
+    assert!(again.reused, "same spec and checkpoint: the table is reused");
+    assert_eq!(again.table, first.table);
+    assert_eq!(again.path, first.path);
+    let other = calibrate(&ck, &CalibOptions { alpha: Some(0.8), ..opts.clone() }).unwrap();
+    assert!(!other.reused && other.path != first.path, "another alpha is another table");
+    let entropy = calibrate(&ck, &CalibOptions { method: Some(Method::Entropy), ..opts.clone() }).unwrap();
+    assert!(!entropy.reused && entropy.table.method == "entropy");
+    for t in &entropy.table.tensors {
+        assert!(t.range.threshold <= t.range.amax && t.range.threshold > 0.0, "{t:?}");
+    }
+
+    // The TensorRT caches name tensors of the plain fp32 graphs.
+    for cache in &first.trt_caches {
+        let text = std::fs::read_to_string(cache).unwrap();
+        let graph = cache.to_string_lossy().rsplit('.').nth(1).unwrap().to_string();
+        let mut lines = text.lines();
+        assert!(lines.next().unwrap().starts_with("TRT-101300-"), "{text}");
+        let model =
+            ModelProto::decode(std::fs::read(base.engine.join(format!("{graph}.onnx"))).unwrap().as_slice()).unwrap();
+        let names: HashSet<String> = model.graph.unwrap().node.into_iter().flat_map(|n| n.output.into_iter()).collect();
+        let mut count = 0;
+        for line in lines {
+            let (name, hex) = line.rsplit_once(": ").unwrap();
+            assert!(names.contains(name), "{graph}: {name} is not a tensor of the fp32 graph");
+            assert_eq!(hex.len(), 8);
+            assert!(f32::from_bits(u32::from_str_radix(hex, 16).unwrap()) > 0.0);
+            count += 1;
+        }
+        assert!(count > 0, "{graph}: empty cache");
+    }
+}
+
+#[test]
+fn onnx_runtime_fuses_every_qdq_linear() {
+    let base = built("tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("int8");
+    let calib = spec_in(dir.path(), "");
+    let opts = BuildOptions {
+        precision: Precision::Int8,
+        calib: Some(calib),
+        ..BuildOptions::new(base.checkpoint.clone(), out.clone())
+    };
+    build(&opts).unwrap();
+    let table = calibrate(&Checkpoint::open(&base.checkpoint).unwrap(), &spec_in(dir.path(), "")).unwrap();
+    assert!(table.reused);
+    for graph in ["vision", "image", "decoder"] {
+        let linears: usize = table.table.tensors.iter().filter(|t| t.graph == graph).map(|t| t.consumers.len()).sum();
+        let scratch = tempfile::tempdir().unwrap();
+        let r = fusion_report(&out.join(format!("{graph}.onnx")), scratch.path(), true).unwrap();
+        eprintln!("{graph}: {r:?}");
+        assert_eq!(r.integer_matmuls, linears, "{graph}: every linear runs as an integer matmul");
+        assert_eq!(r.dequantized_matmuls, 0, "{graph}");
+        assert!(!r.ops.contains_key("DequantizeLinear"), "{graph}: {:?}", r.ops);
+    }
+}
+
+#[test]
+fn excluded_linears_stay_in_float() {
+    let base = built("tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("int8-partial");
+    let calib = spec_in(dir.path(), "exclude: [down_proj, lm_head]\n");
+    let opts = BuildOptions {
+        precision: Precision::Int8,
+        calib: Some(calib),
+        ..BuildOptions::new(base.checkpoint.clone(), out.clone())
+    };
+    build(&opts).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let r = fusion_report(&out.join("decoder.onnx"), scratch.path(), true).unwrap();
+    // 2 layers x (q, k, v, o, gate, up) quantized; down_proj x 2 and lm_head in fp32.
+    assert_eq!(r.integer_matmuls, 12, "{r:?}");
+    let (_, logits) = run_golden(&out);
+    assert!(logits.iter().all(|v| v.is_finite()));
+}

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use vl_runtime::manifest::{
-    ChatTemplate, CheckpointLayout, DataFile, FrameSamplingRule, GraphEntry, Graphs, Manifest, ModelDims,
-    PlaceholderStyle, Precision, Preprocess, SCHEMA_VERSION, Source, SpecialTokens,
+    ChatTemplate, CheckpointLayout, DataFile, FrameSamplingRule, GraphEntry, Graphs, KvLayout, Manifest, ModelDims,
+    PlaceholderStyle, Precision, Preprocess, SCHEMA_VERSION, Source, SpecialTokens, Target,
 };
 use vl_runtime::preprocess::{CLIP_MEAN, CLIP_STD, PreprocessConfig, PreprocessRecipe, Resample};
 
 use crate::checkpoint::{Checkpoint, IMAGE_MARKER, TowerDirs};
 use crate::error::{Error, Result};
-use crate::graphs::{GraphKind, vision};
+use crate::graphs::{GraphKind, decoder_gqa, vision};
 use crate::onnx::{ExternalData, GraphBuilder};
 use crate::precision::Plan;
 use crate::quant::calibrate::{CalibOptions, calibrate};
@@ -43,6 +43,9 @@ pub struct BuildOptions {
     /// Calibration of an int8 build (`None`: the built-in spec). With fp32, `Some` folds the
     /// SmoothQuant factors alone into the weights.
     pub calib: Option<CalibOptions>,
+    /// Operator set (`None`: the one the precision needs; `Some(OnnxRuntime)` also switches the
+    /// decoder to `GroupQueryAttention` with a shared KV buffer).
+    pub target: Option<Target>,
 }
 
 impl BuildOptions {
@@ -56,6 +59,7 @@ impl BuildOptions {
             progress: false,
             towers: TowerDirs::default(),
             calib: None,
+            target: None,
         }
     }
 }
@@ -77,6 +81,9 @@ pub struct BuildReport {
 pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     let started = Instant::now();
     let mut plan = Plan::new(opts.precision, opts.block_size)?;
+    if let Some(target) = opts.target {
+        plan = plan.with_target(target)?;
+    }
     let ck = Checkpoint::open_with(&opts.model, &opts.towers)?;
     if opts.precision == Precision::Int8 || opts.calib.is_some() {
         let calib =
@@ -199,7 +206,11 @@ fn write_graph(kind: GraphKind, ck: &Checkpoint, plan: &Plan, dir: &Path, bar: &
     if let Some(params) = plan.quant_params(kind) {
         b.set_quant(params);
     }
-    kind.build(&mut b, ck)?;
+    if kind == GraphKind::Decoder && plan.kv_layout() == KvLayout::SharedBuffer {
+        decoder_gqa::build(&mut b, ck)?;
+    } else {
+        kind.build(&mut b, ck)?;
+    }
     let done = b.finish(env!("CARGO_PKG_VERSION"))?;
     let path = dir.join(&file);
     std::fs::write(&path, &done.model_bytes).map_err(|e| Error::io(&path, e))?;
@@ -375,6 +386,7 @@ fn manifest(ck: &Checkpoint, opts: &BuildOptions, plan: &Plan, graphs: Graphs) -
             vocab_size: t.vocab,
             image_size: c.vision.image_size,
             kv_dtype: plan.kv_dtype(),
+            kv_layout: plan.kv_layout(),
         },
         precision: opts.precision,
         target: plan.target(),

@@ -1,13 +1,14 @@
 //! How each `--precision` is realized per graph, and what the manifest says about it.
 use std::sync::Arc;
 
-use vl_runtime::manifest::{DType, Precision, Target};
+use vl_runtime::manifest::{DType, KvLayout, Precision, Target};
 
 use crate::error::{Error, Result};
 use crate::graphs::GraphKind;
 use crate::onnx::{Numerics, WeightFormat};
 use crate::quant::QuantParams;
 use crate::quant::calibrate::Calibration;
+use crate::quant::table::FoldKind;
 
 /// The numeric plan of an export.
 #[derive(Debug, Clone)]
@@ -18,6 +19,8 @@ pub struct Plan {
     pub block: usize,
     /// The calibration table of an int8 build (or of an fp32 build with SmoothQuant folded).
     pub calibration: Option<Calibration>,
+    /// The target asked for (`None`: the one the precision needs).
+    pub target: Option<Target>,
 }
 
 impl Plan {
@@ -27,7 +30,7 @@ impl Plan {
         if !(16..=256).contains(&block) || !block.is_power_of_two() {
             return Err(Error::Invalid(format!("block size {block}: a power of two from 16 to 256")));
         }
-        Ok(Self { precision, block, calibration: None })
+        Ok(Self { precision, block, calibration: None, target: None })
     }
 
     /// Attaches a calibration: int8 takes its scales and SmoothQuant factors; fp32 takes the
@@ -63,11 +66,36 @@ impl Plan {
         Some(Arc::new(c.table.params(kind.name(), self.precision == Precision::Int8)))
     }
 
-    /// The operator set the graphs need.
-    pub fn target(&self) -> Target {
+    /// Asks for `target`; the weight-only precisions need ONNX Runtime (`MatMulNBits`).
+    pub fn with_target(mut self, target: Target) -> Result<Self> {
+        if target == Target::Standard && self.implied_target() == Target::OnnxRuntime {
+            return Err(Error::Invalid(format!(
+                "--precision {} needs --target onnxruntime (its MatMulNBits is an ONNX Runtime operator)",
+                self.precision
+            )));
+        }
+        self.target = Some(target);
+        Ok(self)
+    }
+
+    fn implied_target(&self) -> Target {
         match self.precision {
             Precision::Int8Weight | Precision::Int4Weight => Target::OnnxRuntime,
             _ => Target::Standard,
+        }
+    }
+
+    /// The operator set the graphs need.
+    pub fn target(&self) -> Target {
+        self.target.unwrap_or_else(|| self.implied_target())
+    }
+
+    /// How the decoder passes its KV cache: in a shared buffer through ONNX Runtime's
+    /// `GroupQueryAttention` when `--target onnxruntime` was asked for, else concatenated.
+    pub fn kv_layout(&self) -> KvLayout {
+        match self.target {
+            Some(Target::OnnxRuntime) => KvLayout::SharedBuffer,
+            _ => KvLayout::Concat,
         }
     }
 
@@ -94,15 +122,44 @@ impl Plan {
         if t.smoothing.is_empty() {
             return None;
         }
-        Some(format!(
-            "SmoothQuant (alpha {}) folded into the RMSNorm weights before q/k/v, gate/up and lm_head ({} groups)",
-            t.smoothquant_alpha,
-            t.smoothing.len()
-        ))
+        let norms = t.smoothing.iter().filter(|s| s.kind == FoldKind::Norm).count();
+        let rows = t.smoothing.len() - norms;
+        let mut note = format!(
+            "SmoothQuant (alpha {}) folded into the RMSNorm weights before q/k/v, gate/up and lm_head ({norms} norms)",
+            t.smoothquant_alpha
+        );
+        if rows > 0 {
+            note.push_str(&format!(", and into up_proj's rows before down_proj ({rows} layers)"));
+        }
+        Some(note)
+    }
+
+    fn excluded_note(&self) -> Option<String> {
+        let t = &self.calibration.as_ref()?.table;
+        if t.excluded.is_empty() {
+            return None;
+        }
+        let shown: Vec<&str> = t.excluded.iter().take(8).map(String::as_str).collect();
+        let more = t.excluded.len().saturating_sub(shown.len());
+        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        Some(format!("kept in fp32 (calibration spec's exclusions): {}{more}", shown.join(", ")))
     }
 
     /// Lines for the manifest's `numerics`.
     pub fn notes(&self) -> Vec<String> {
+        let mut notes = self.precision_notes();
+        if self.kv_layout() == KvLayout::SharedBuffer {
+            notes.push(
+                "decoder attention: ONNX Runtime GroupQueryAttention (rotary inside, cos/sin caches as initializers); \
+                 past_key_values.* and present.* share one buffer per layer [batch, kv_heads, capacity, head_dim] \
+                 written in place"
+                    .into(),
+            );
+        }
+        notes
+    }
+
+    fn precision_notes(&self) -> Vec<String> {
         match self.precision {
             Precision::Fp32 => {
                 let mut notes = vec!["fp32 weights and activations".to_string()];
@@ -126,6 +183,7 @@ impl Plan {
                      and the KV cache"
                         .to_string(),
                 ];
+                notes.extend(self.excluded_note());
                 notes.extend(self.smoothing_note());
                 notes.extend(self.calibration_note());
                 notes

@@ -145,6 +145,26 @@ pub struct ModelDims {
     /// Element type of the KV cache (`past_key_values.*`, `present.*`).
     #[serde(default = "default_kv_dtype")]
     pub kv_dtype: DType,
+    /// How the decoder takes and returns its KV cache.
+    #[serde(default)]
+    pub kv_layout: KvLayout,
+}
+
+/// How the decoder's KV cache crosses its interface.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvLayout {
+    /// Standard operators: `past_key_values.*` [batch, kv_heads, past, head_dim] in,
+    /// `present.*` [batch, kv_heads, past + new, head_dim] out (a new tensor each step), with
+    /// `position_ids` as an input.
+    #[default]
+    Concat,
+    /// ONNX Runtime's `GroupQueryAttention`: `past_key_values.*` and `present.*` are the same
+    /// buffers [batch, kv_heads, capacity, head_dim], written in place at the positions after
+    /// the cached ones; the number of cached positions is `attention_mask`'s length minus the
+    /// new tokens, positions are implicit (no `position_ids`), and `attention_mask` must be all
+    /// ones. Needs target `onnxruntime`.
+    SharedBuffer,
 }
 
 fn default_kv_dtype() -> DType {

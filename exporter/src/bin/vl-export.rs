@@ -10,7 +10,7 @@ use vl_export::quant::calibrate::CalibOptions;
 use vl_export::quant::fusion::fusion_report;
 use vl_export::quant::stats::Method;
 use vl_export::synth::{Preset, SynthSpec, WeightDtype, synthesize};
-use vl_runtime::manifest::{CheckpointLayout, Precision};
+use vl_runtime::manifest::{CheckpointLayout, Precision, Target};
 
 #[derive(Parser)]
 #[command(version, about = "Export Video-LLaVA checkpoints to ONNX graphs for vl-runtime")]
@@ -35,6 +35,11 @@ enum Command {
         /// Weights per quantization block (int8-weight, int4-weight).
         #[arg(long, default_value_t = 32)]
         block_size: usize,
+        /// Runtime the graphs are written for (default: standard, or onnxruntime where the
+        /// precision needs it). `onnxruntime` also writes the decoder with ONNX Runtime's
+        /// GroupQueryAttention and a KV cache shared in place between steps.
+        #[arg(long, value_enum)]
+        target: Option<TargetArg>,
         /// Original layout: the LanguageBind video tower's directory (its config.json gives
         /// num_frames, add_time_attn, hidden_act...); found in the checkpoint or inferred otherwise.
         #[arg(long)]
@@ -182,6 +187,14 @@ enum PrecisionArg {
     Int4Weight,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    /// Standard ONNX operators only (TensorRT's parser included).
+    Standard,
+    /// ONNX Runtime contrib operators (MatMulNBits, GroupQueryAttention).
+    Onnxruntime,
+}
+
 #[derive(clap::Args)]
 struct EvalArgs {
     /// Engine under test.
@@ -272,7 +285,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 
 fn run() -> Result<()> {
     match Cli::parse().command {
-        Command::Build { model, out, precision, block_size, video_tower, image_tower, calib } => {
+        Command::Build { model, out, precision, block_size, target, video_tower, image_tower, calib } => {
             let precision = match precision {
                 PrecisionArg::Fp32 => Precision::Fp32,
                 PrecisionArg::Fp16 => Precision::Fp16,
@@ -293,6 +306,10 @@ fn run() -> Result<()> {
                 progress: true,
                 towers,
                 calib,
+                target: target.map(|t| match t {
+                    TargetArg::Standard => Target::Standard,
+                    TargetArg::Onnxruntime => Target::OnnxRuntime,
+                }),
                 ..BuildOptions::new(model, out.clone())
             };
             let report = build(&opts)?;

@@ -12,11 +12,11 @@ use crate::checkpoint::{Activation, Checkpoint, TextConfig, Weights};
 use crate::error::Result;
 use crate::onnx::{Attr, GraphBuilder};
 
-fn sym(s: &str) -> Dim {
+pub(super) fn sym(s: &str) -> Dim {
     Dim::Symbolic(s.into())
 }
 
-fn kv_spec(name: String, t: &TextConfig, dtype: DType, len: &str) -> TensorSpec {
+pub(super) fn kv_spec(name: String, t: &TextConfig, dtype: DType, len: &str) -> TensorSpec {
     TensorSpec::new(
         name,
         dtype,
@@ -25,7 +25,7 @@ fn kv_spec(name: String, t: &TextConfig, dtype: DType, len: &str) -> TensorSpec 
 }
 
 /// The inverse frequencies of the rotary embedding, computed in f32 as transformers does.
-fn inv_freq(t: &TextConfig) -> Vec<f32> {
+pub(super) fn inv_freq(t: &TextConfig) -> Vec<f32> {
     let dim = t.head_dim as f32;
     (0..t.head_dim / 2)
         .map(|i| {
@@ -149,7 +149,7 @@ fn attention(
 }
 
 /// The SiLU-gated MLP.
-fn mlp(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<String> {
+pub(super) fn mlp(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<String> {
     let (h, m, bias) = (t.hidden, t.intermediate, t.mlp_bias);
     let gate = linear(b, &w.pp("gate_proj"), x, LinearOpts::new(h, m, bias))?;
     let up = linear(b, &w.pp("up_proj"), x, LinearOpts::new(h, m, bias))?;
@@ -215,6 +215,6 @@ pub fn build(b: &mut GraphBuilder, ck: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
-fn lm_head(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<String> {
+pub(super) fn lm_head(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<String> {
     linear(b, w, x, LinearOpts::new(t.hidden, t.vocab, false))
 }

@@ -1,5 +1,6 @@
 //! One module per graph of an engine.
 pub mod decoder;
+pub mod decoder_gqa;
 pub mod embed;
 pub mod nn;
 pub mod vision;

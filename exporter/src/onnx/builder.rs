@@ -340,9 +340,23 @@ impl GraphBuilder {
         name
     }
 
-    /// Declares `value` as a graph output named `spec.name` (through an Identity if needed).
+    /// Declares `value` as a graph output named `spec.name`.
+    ///
+    /// The producing node's output is renamed rather than copied through an `Identity`: an
+    /// `Identity` on a KV-cache output would copy the whole cache on every decode step.
+    /// Values that are graph inputs, initializers or already outputs still go through one.
     pub fn output(&mut self, value: &str, spec: IoSpec) {
-        if value != spec.name {
+        let produced_here = self.nodes.iter().any(|n| n.output.iter().any(|o| o == value));
+        let taken = self.specs_out.iter().any(|o| o.name == value) || self.specs_in.iter().any(|i| i.name == value);
+        if value != spec.name && produced_here && !taken {
+            for node in &mut self.nodes {
+                for name in node.input.iter_mut().chain(node.output.iter_mut()) {
+                    if name == value {
+                        *name = spec.name.clone();
+                    }
+                }
+            }
+        } else if value != spec.name {
             self.node_named("Identity", &[value], vec![], &spec.name);
         }
         self.outputs.push(value_info(&spec));
@@ -385,6 +399,16 @@ impl GraphBuilder {
         }
         self.uses_ms_domain = true;
         out
+    }
+
+    /// Adds an ONNX Runtime contrib node (`com.microsoft`) with `n` outputs.
+    pub fn ms_op_n(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>, n: usize) -> Vec<String> {
+        let outs = self.op_n(op, inputs, attrs, n);
+        if let Some(node) = self.nodes.last_mut() {
+            node.domain = Some(MS_DOMAIN.to_string());
+        }
+        self.uses_ms_domain = true;
+        outs
     }
 
     /// Adds a node with `n` outputs.

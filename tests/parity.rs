@@ -8,9 +8,10 @@ use std::sync::Arc;
 use ndarray::{Array1, Array2, Array4, Array5, ArrayD};
 use ndarray_npy::read_npy;
 use serde_json::Value;
-use vl_e2e::{built, fixture_dir, max_abs_diff};
+use vl_e2e::{built_for, fixture_dir, max_abs_diff};
 use vl_runtime::generate::Splice;
 use vl_runtime::kv_cache::KvCache;
+use vl_runtime::manifest::{KvLayout, Target};
 use vl_runtime::{Flow, GenerateOptions, Media, Pipeline, PipelineOptions};
 
 const TOL: f32 = 1e-4;
@@ -22,7 +23,12 @@ struct Case {
 }
 
 fn case(name: &'static str) -> Case {
-    let b = built(name);
+    case_for(name, None)
+}
+
+/// Case `name` exported for `target` (`None`: the default target).
+fn case_for(name: &'static str, target: Option<Target>) -> Case {
+    let b = built_for(name, target);
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture_dir(name).join("golden.json")).unwrap()).unwrap();
     let want = golden["model_sha256"]["model.safetensors"].as_str().unwrap();
@@ -110,7 +116,11 @@ fn run_image_and_text(c: &Case) {
 }
 
 fn parity(name: &'static str) {
-    let c = case(name);
+    parity_for(name, None);
+}
+
+fn parity_for(name: &'static str, target: Option<Target>) {
+    let c = case_for(name, target);
     check_features(&c);
     check_prefill_logits(&c);
     run_turns(&c);
@@ -138,4 +148,89 @@ fn prompt_tokens_match_the_processor() {
     assert_eq!(got, ids(&c.golden["input_ids"]));
     let next = builder.next_turn(c.golden["second_turn"]["prompt"].as_str().unwrap()).unwrap();
     assert_eq!(next, ids(&c.golden["second_turn"]["appended_ids"]));
+}
+
+/// The `--target onnxruntime` engine: GroupQueryAttention with KV buffers shared in place.
+fn onnxruntime_case(name: &'static str) -> Case {
+    let c = case_for(name, Some(Target::OnnxRuntime));
+    assert_eq!(c.pipeline.manifest().model.kv_layout, KvLayout::SharedBuffer);
+    c
+}
+
+#[test]
+fn tiny_onnxruntime_target_matches_transformers() {
+    onnxruntime_case("tiny");
+    parity_for("tiny", Some(Target::OnnxRuntime));
+}
+
+#[test]
+fn gqa_onnxruntime_target_matches_transformers() {
+    onnxruntime_case("tiny-gqa");
+    parity_for("tiny-gqa", Some(Target::OnnxRuntime));
+}
+
+/// Shared buffers are sized once for the conversation (prompt + max_new_tokens) and grow,
+/// keeping what they hold, when a later step needs more: the logits stay those of the
+/// standard engine.
+#[test]
+fn shared_kv_buffers_grow_and_keep_their_contents() {
+    let std = case("tiny");
+    let ort = onnxruntime_case("tiny");
+    let limit = ort.pipeline.manifest().max_sequence_length;
+    let n = 300.min(limit);
+    let vocab = ort.pipeline.manifest().model.vocab_size as u32;
+    let ids: Vec<u32> = (0..n as u32).map(|i| 3 + (i * 7919) % (vocab - 3)).collect();
+    let mut a = KvCache::new(&std.pipeline.manifest().model).unwrap();
+    let mut b = KvCache::new(&ort.pipeline.manifest().model).unwrap();
+    assert_eq!(b.layout(), KvLayout::SharedBuffer);
+    let (lm_a, lm_b) = (std.pipeline.language_model(), ort.pipeline.language_model());
+    let mut fed = 0;
+    for chunk in [5, 1, 1, 40, 1, 200, 1, 1, 50] {
+        let end = (fed + chunk).min(n);
+        if end == fed {
+            break;
+        }
+        let want = lm_a.forward_logits(&mut a, &ids[fed..end], None, end - fed).unwrap();
+        let got = lm_b.forward_logits(&mut b, &ids[fed..end], None, end - fed).unwrap();
+        let d = max_abs_diff(&got, &want);
+        assert!(d <= TOL, "positions {fed}..{end}: logits differ by {d} (capacity {})", b.capacity());
+        assert!(b.capacity() >= end && b.capacity() <= limit);
+        fed = end;
+    }
+    assert_eq!(b.len(), fed);
+}
+
+/// Conversations with their own shared buffers, run from 8 threads at once, give the tokens
+/// they give alone.
+#[test]
+fn onnxruntime_target_concurrent_conversations_match_sequential_ones() {
+    let c = onnxruntime_case("tiny");
+    let question = c.golden["prompt"].as_str().unwrap().to_string();
+    let converse = |i: usize| {
+        let mut chat = c.pipeline.conversation(Media::VideoPixels(video_pixels(&c))).unwrap();
+        let opts = if i % 2 == 0 {
+            greedy(32)
+        } else {
+            let sampling = vl_runtime::sampling::SamplingParams {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 0.9,
+                repetition_penalty: 1.1,
+                seed: 7 + i as u64,
+            };
+            GenerateOptions { sampling, max_new_tokens: 24, ignore_eos: true, ..GenerateOptions::default() }
+        };
+        let first = chat.ask(&question, &opts, &mut |_| Flow::Continue).unwrap();
+        let second = chat.ask("And then?", &GenerateOptions { max_new_tokens: 8, ..opts }, &mut |_| Flow::Continue);
+        vec![first.token_ids, second.unwrap().token_ids]
+    };
+    let alone: Vec<_> = (0..8).map(converse).collect();
+    assert_eq!(alone[0][0], ids(&c.golden["greedy_tokens"]), "greedy run alone differs from the golden");
+    let together: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8).map(|i| s.spawn(move || converse(i))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, t, "conversation {i} gives other tokens when run concurrently");
+    }
 }

@@ -54,18 +54,27 @@ fn scratch() -> &'static Path {
 
 /// Synthesizes and exports fixture case `name` once per test process.
 pub fn built(name: &str) -> &'static Built {
+    built_for(name, None)
+}
+
+/// Like [`built`], exported for `target` (`None`: the default).
+pub fn built_for(name: &str, target: Option<vl_runtime::manifest::Target>) -> &'static Built {
     static CASES: OnceLock<std::sync::Mutex<std::collections::HashMap<String, &'static Built>>> = OnceLock::new();
     let cases = CASES.get_or_init(Default::default);
     let mut cases = cases.lock().unwrap();
-    if let Some(b) = cases.get(name) {
+    let key = match target {
+        None => name.to_string(),
+        Some(t) => format!("{name}-{t:?}"),
+    };
+    if let Some(b) = cases.get(&key) {
         return b;
     }
-    let checkpoint = scratch().join(format!("{name}-ckpt"));
-    let engine = scratch().join(format!("{name}-engine"));
+    let checkpoint = scratch().join(format!("{key}-ckpt"));
+    let engine = scratch().join(format!("{key}-engine"));
     synthesize(&case_spec(name), &checkpoint).expect("synthesize");
-    build(&BuildOptions::new(checkpoint.clone(), engine.clone())).expect("export");
+    build(&BuildOptions { target, ..BuildOptions::new(checkpoint.clone(), engine.clone()) }).expect("export");
     let b: &'static Built = Box::leak(Box::new(Built { checkpoint, engine }));
-    cases.insert(name.to_string(), b);
+    cases.insert(key, b);
     b
 }
 

@@ -5,13 +5,14 @@ use std::time::{Duration, Instant};
 
 use ndarray::{Array2, Array3, ArrayView2};
 use ort::session::SessionInputValue;
-use ort::value::TensorRef;
+use ort::value::{Tensor, TensorRef};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 use crate::graph::Graph;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, StepInputs};
+use crate::manifest::KvLayout;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stream::{StopChunk, StopMatcher, StreamDecoder};
 
@@ -126,6 +127,8 @@ pub struct LanguageModel<'a> {
     pub decoder: &'a Graph,
     /// Ones, as long as the context: attention masks are views of its prefix.
     pub mask_ones: &'a [i64],
+    /// Rows of the logits.
+    pub vocab: usize,
 }
 
 impl LanguageModel<'_> {
@@ -171,6 +174,16 @@ impl LanguageModel<'_> {
             max_new: 0,
             limit: self.mask_ones.len(),
         })?;
+        if kv.layout() == KvLayout::SharedBuffer {
+            let inputs = StepInputs {
+                embeds: Tensor::from_array(embeds)?,
+                mask: Tensor::from_array(([1usize, total], mask.to_vec()))?,
+                keep,
+                vocab: self.vocab,
+            };
+            let mut session = self.decoder.lock();
+            return kv.run_bound(&mut session, inputs, self.mask_ones.len());
+        }
         let positions: Vec<i64> = (past as i64..total as i64).collect();
         let keep = [keep as i64];
         let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
@@ -243,6 +256,7 @@ impl Generation<'_> {
         let mut stream = StreamDecoder::new();
         let mut timings = Timings::default();
         let t0 = Instant::now();
+        turn.kv.reserve(turn.kv.len() + prompt.len() + opts.max_new_tokens);
         let mut logits = self.lm.forward(turn.kv, prompt, splice)?;
         timings.prefill_ms = ms(t0.elapsed());
         turn.history.extend_from_slice(prompt);

@@ -14,7 +14,7 @@ use crate::generate::{
     Answer, Flow, GenerateOptions, Generation, LanguageModel, Splice, TokenEvent, Turn, features_2d, ms,
 };
 use crate::graph::{Graph, SessionOptions};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{self, KvCache};
 use crate::manifest::{FrameSamplingRule, Manifest};
 use crate::preprocess::load_pixel_values_npy;
 use crate::prompt::{PromptBuilder, VisualSlot};
@@ -100,6 +100,9 @@ impl Pipeline {
         let vision = Graph::load(&dir, "vision", &g.vision, &options.session)?;
         let embed = Graph::load(&dir, "embed", &g.embed, &options.session)?;
         let decoder = Graph::load(&dir, "decoder", &g.decoder, &options.session)?;
+        // The KV cache mode (concatenated or shared buffers) comes from the manifest; its
+        // interface is checked here, once the graph has been checked against the manifest.
+        kv_cache::check_decoder(&dir, &manifest)?;
         let mask_ones = vec![1i64; manifest.max_sequence_length];
         Ok(Self {
             dir,
@@ -242,7 +245,12 @@ impl Pipeline {
     /// The embedding and decoder graphs, for callers that drive the decoder themselves
     /// (evaluation, benchmarks).
     pub fn language_model(&self) -> LanguageModel<'_> {
-        LanguageModel { embed: &self.embed, decoder: &self.decoder, mask_ones: &self.mask_ones }
+        LanguageModel {
+            embed: &self.embed,
+            decoder: &self.decoder,
+            mask_ones: &self.mask_ones,
+            vocab: self.manifest.model.vocab_size,
+        }
     }
 
     fn check_fits(&self, needed: usize, max_new: usize) -> Result<()> {

@@ -250,13 +250,6 @@ enum DtypeArg {
     Bf16,
 }
 
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 fn run_eval(a: EvalArgs) -> Result<()> {
     let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let mut opts = EvalOptions::new(a.engine, a.reference);
@@ -314,7 +307,7 @@ fn run() -> Result<()> {
             };
             let report = build(&opts)?;
             println!("note: {}", report.notice);
-            let rss = peak_rss_mb().map(|m| format!(", peak RSS {m:.0} MB")).unwrap_or_default();
+            let rss = vl_runtime::bench::peak_rss_mb().map(|m| format!(", peak RSS {m:.0} MB")).unwrap_or_default();
             println!(
                 "exported {} ({}) to {} in {:.1} s{rss}",
                 report.manifest.source.path,

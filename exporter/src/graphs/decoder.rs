@@ -10,7 +10,7 @@ use vl_runtime::manifest::{DType, Dim, TensorSpec};
 use super::nn::{LinearOpts, activation, linear, rms_norm, to_act, to_f32};
 use crate::checkpoint::{Activation, Checkpoint, TextConfig, Weights};
 use crate::error::Result;
-use crate::onnx::{Attr, GraphBuilder};
+use crate::onnx::{Attr, GraphBuilder, Numerics, WeightFormat};
 
 pub(super) fn sym(s: &str) -> Dim {
     Dim::Symbolic(s.into())
@@ -215,6 +215,14 @@ pub fn build(b: &mut GraphBuilder, ck: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
+/// The output head. Under 4-bit weights it keeps 8 bits, as llama.cpp's 4-bit formats keep
+/// `output.weight` wider: the logits are what every token is chosen from.
 pub(super) fn lm_head(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<String> {
-    linear(b, w, x, LinearOpts::new(t.hidden, t.vocab, false))
+    let saved = b.numerics();
+    if let WeightFormat::Blocks { bits: 4, block } = saved.weights {
+        b.set_numerics(Numerics { weights: WeightFormat::Blocks { bits: 8, block }, ..saved });
+    }
+    let logits = linear(b, w, x, LinearOpts::new(t.hidden, t.vocab, false));
+    b.set_numerics(saved);
+    logits
 }

@@ -101,13 +101,13 @@ fn attention(
 
 /// What ONNX Runtime's CPU `GroupQueryAttention` accepts, checked before anything is written.
 fn check_supported(t: &TextConfig) -> Result<()> {
-    if t.head_dim % 16 != 0 {
+    if !t.head_dim.is_multiple_of(16) {
         return Err(Error::Invalid(format!(
             "--target onnxruntime: ONNX Runtime's GroupQueryAttention needs head_dim a multiple of 16, the model has {}",
             t.head_dim
         )));
     }
-    if t.heads % t.kv_heads != 0 {
+    if !t.heads.is_multiple_of(t.kv_heads) {
         return Err(Error::Invalid(format!("{} attention heads for {} key/value heads", t.heads, t.kv_heads)));
     }
     Ok(())

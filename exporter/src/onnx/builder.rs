@@ -89,8 +89,11 @@ pub struct GraphBuilder {
 /// A linear layer's input recorded as an extra graph output, for calibration.
 #[derive(Debug, Clone)]
 pub struct Tap {
-    /// The graph output (`calib/<first consumer's weight name>`).
+    /// The graph output (`calib/<first consumer's weight name>`): the tensor itself.
     pub output: String,
+    /// The graph output `calib_amax/<first consumer's weight name>`: the largest magnitude of
+    /// each channel `[channels]` (a run can ask for these alone, without the whole tensors).
+    pub amax_output: String,
     /// The tensor inside the graph.
     pub tensor: String,
     /// Weight names of the linears that read it.
@@ -231,28 +234,48 @@ impl GraphBuilder {
             taps.list[i].consumers.push(consumer.to_string());
             return;
         }
+        // Nodes and constants are named after the tap, not by the counter, so the graph's own
+        // tensor names stay those of the graph built without taps.
         let output = format!("calib/{consumer}");
-        self.nodes.push(NodeProto {
-            input: vec![tensor.to_string()],
-            output: vec![output.clone()],
-            name: Some(output.clone()),
-            op_type: Some("Identity".into()),
+        let amax_output = format!("calib_amax/{consumer}");
+        let shape = format!("{amax_output}/shape");
+        let raw = [-1i64, channels as i64].iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializers.push(inline_tensor(&shape, DType::I64, &[2], raw));
+        let node = |op: &str, inputs: &[&str], out: &str, attrs: Vec<(&str, Attr)>| NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.to_string()],
+            name: Some(out.to_string()),
+            op_type: Some(op.into()),
+            attribute: attrs.into_iter().map(|(n, a)| attribute(n, a)).collect(),
             ..Default::default()
-        });
-        self.outputs.push(ValueInfoProto {
-            name: Some(output.clone()),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: Some(DataType::Float as i32),
-                    shape: None,
-                })),
-                denotation: None,
-            }),
-            ..Default::default()
-        });
+        };
+        let (rows, abs) = (format!("{amax_output}/rows"), format!("{amax_output}/abs"));
+        self.nodes.push(node("Identity", &[tensor], &output, vec![]));
+        self.nodes.push(node("Reshape", &[tensor, &shape], &rows, vec![]));
+        self.nodes.push(node("Abs", &[&rows], &abs, vec![]));
+        self.nodes.push(node(
+            "ReduceMax",
+            &[&abs],
+            &amax_output,
+            vec![("axes", Attr::Ints(vec![0])), ("keepdims", Attr::Int(0))],
+        ));
+        for name in [&output, &amax_output] {
+            self.outputs.push(ValueInfoProto {
+                name: Some(name.clone()),
+                r#type: Some(TypeProto {
+                    value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                        elem_type: Some(DataType::Float as i32),
+                        shape: None,
+                    })),
+                    denotation: None,
+                }),
+                ..Default::default()
+            });
+        }
         taps.by_tensor.insert(tensor.to_string(), taps.list.len());
         taps.list.push(Tap {
             output,
+            amax_output,
             tensor: tensor.to_string(),
             consumers: vec![consumer.to_string()],
             channels,

@@ -36,6 +36,8 @@ struct RawSpec {
     #[serde(default)]
     images: Vec<RawMedia>,
     prompts: Vec<String>,
+    #[serde(default)]
+    texts: Vec<String>,
     #[serde(default = "default_trt_version")]
     trt_cache_version: u32,
     #[serde(default)]
@@ -112,6 +114,8 @@ pub struct CalibSpec {
     pub images: Vec<MediaSource>,
     /// Questions.
     pub prompts: Vec<String>,
+    /// Plain text passages, each one more text-only sample through the language model.
+    pub texts: Vec<String>,
     /// TensorRT version in the calibration caches' header.
     pub trt_version: u32,
     /// Linears whose weight name contains one of these stay in float.
@@ -183,6 +187,7 @@ impl CalibSpec {
             videos: media(raw.videos, "videos")?,
             images: media(raw.images, "images")?,
             prompts: raw.prompts,
+            texts: raw.texts,
             trt_version: raw.trt_cache_version,
             exclude: raw.exclude,
         })
@@ -208,6 +213,9 @@ impl CalibSpec {
         }
         for p in &self.prompts {
             let _ = writeln!(s, "prompt {p:?}");
+        }
+        for t in &self.texts {
+            let _ = writeln!(s, "text {t:?}");
         }
         for e in &self.exclude {
             let _ = writeln!(s, "exclude {e:?}");
@@ -270,7 +278,7 @@ mod tests {
         let s = CalibSpec::builtin().unwrap();
         assert!(s.samples >= 1 && !s.prompts.is_empty() && !s.videos.is_empty());
         assert!(s.videos.iter().all(|m| matches!(m, MediaSource::Generated { .. })), "works on a fresh machine");
-        assert_eq!(s.alpha, 0.5);
+        assert_eq!(s.alpha, 0.75);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressStyle};
 use ndarray::{Array2, Array3, Array4, Array5};
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::{Session, SessionInputValue, SessionOutputs};
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue, SessionOutputs};
 use ort::value::{Tensor, TensorRef};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
@@ -184,6 +184,10 @@ struct CalibGraph {
     session: Session,
     taps: Vec<Tap>,
     stats: Vec<TapStats>,
+    /// Pass 1 asks for the per-channel maxima (and the graph's features output) only, pass 2
+    /// for the whole tensors only: ONNX Runtime then keeps nothing else.
+    select_max: RunOptions<HasSelectedOutputs>,
+    select_full: RunOptions<HasSelectedOutputs>,
 }
 
 /// What is known of one recorded tensor.
@@ -240,7 +244,18 @@ impl CalibGraph {
             .iter()
             .map(|t| TapStats { amax: vec![0.0; t.channels], factors: None, hist: None, raw_hist: None })
             .collect();
-        Ok(Self { kind, session, taps: done.taps, stats })
+        let mut max = OutputSelector::no_default();
+        let mut full = OutputSelector::no_default();
+        for t in &done.taps {
+            max = max.with(t.amax_output.as_str());
+            full = full.with(t.output.as_str());
+        }
+        for o in done.outputs.iter().filter(|o| o.name.ends_with("_features")) {
+            max = max.with(o.name.as_str());
+        }
+        let select_max = ort(RunOptions::new())?.with_outputs(max);
+        let select_full = ort(RunOptions::new())?.with_outputs(full);
+        Ok(Self { kind, session, taps: done.taps, stats, select_max, select_full })
     }
 
     fn run_pixels<D: ndarray::Dimension + 'static>(
@@ -249,12 +264,15 @@ impl CalibGraph {
         output: &str,
         px: &ndarray::Array<f32, D>,
         pass: Pass,
-    ) -> Result<Array2<f32>> {
+    ) -> Result<Option<Array2<f32>>> {
         let value = ort(TensorRef::from_array_view(px.view()))?;
-        let outputs = ort(self.session.run(ort::inputs![input => value]))?;
-        let features = features_2d(&ort(outputs[output].try_extract_array::<f32>())?)?;
+        let select = if pass == Pass::Max { &self.select_max } else { &self.select_full };
+        let outputs = ort(self.session.run_with_options(ort::inputs![input => value], select))?;
         Observer { taps: &self.taps, stats: &mut self.stats }.observe(&outputs, pass)?;
-        Ok(features)
+        match pass {
+            Pass::Max => Ok(Some(features_2d(&ort(outputs[output].try_extract_array::<f32>())?)?)),
+            Pass::Histogram => Ok(None),
+        }
     }
 }
 
@@ -268,7 +286,8 @@ struct Observer<'a> {
 impl Observer<'_> {
     fn observe(&mut self, outputs: &SessionOutputs<'_>, pass: Pass) -> Result<()> {
         for (tap, st) in self.taps.iter().zip(self.stats.iter_mut()) {
-            let (_, values) = ort(outputs[tap.output.as_str()].try_extract_tensor::<f32>())?;
+            let name = if pass == Pass::Max { &tap.amax_output } else { &tap.output };
+            let (_, values) = ort(outputs[name.as_str()].try_extract_tensor::<f32>())?;
             if values.len() % tap.channels != 0 {
                 return Err(Error::Invalid(format!(
                     "{}: {} values for {} channels",
@@ -354,7 +373,8 @@ impl Lm<'_> {
                 inputs.push((format!("past_key_values.{layer}.{part}").into(), empty.into_dyn().into()));
             }
         }
-        let outputs = ort(g.session.run(inputs))?;
+        let select = if pass == Pass::Max { &g.select_max } else { &g.select_full };
+        let outputs = ort(g.session.run_with_options(inputs, select))?;
         let mut o = Observer { taps: &g.taps, stats: &mut g.stats };
         o.observe(&outputs, pass)
     }
@@ -435,6 +455,15 @@ fn samples(
         }
         out.push(Sample { ids, visual: Some((f, token)), keep });
     }
+    for (i, text) in spec.texts.iter().enumerate() {
+        let enc = tokenizer.encode(text.as_str(), true).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        ids.truncate(ck.config.text.max_positions);
+        if ids.is_empty() {
+            return Err(Error::Invalid(format!("calibration text {i} is empty")));
+        }
+        out.push(Sample { keep: ids.len(), ids, visual: None });
+    }
     Ok(out)
 }
 
@@ -445,7 +474,7 @@ fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> R
     let (pre, template, tokens) = crate::export::media_contract(ck)?;
     let px = pixels(spec, &pre, work.path())?;
     let passes: u64 = if spec.method.needs_histogram() { 2 } else { 1 };
-    let per_pass = (px.videos.len() + px.images.len() + spec.samples) as u64;
+    let per_pass = (px.videos.len() + px.images.len() + spec.samples + spec.texts.len()) as u64;
     let bar = progress(opts.progress, passes * per_pass + 3);
     let mut graphs = Vec::new();
     for kind in GRAPHS {
@@ -461,11 +490,9 @@ fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> R
     let mut media = Vec::new();
     for pass in [Pass::Max, Pass::Histogram].into_iter().take(passes as usize) {
         let label = if pass == Pass::Max { "pass 1 (max)" } else { "pass 2 (histograms)" };
-        let keep_features = pass == Pass::Max;
         for (i, v) in px.videos.iter().enumerate() {
             bar.set_message(format!("{label}: video {}", i + 1));
-            let f = vision.run_pixels("pixel_values_videos", "video_features", v, pass)?;
-            if keep_features {
+            if let Some(f) = vision.run_pixels("pixel_values_videos", "video_features", v, pass)? {
                 media.push((features.len(), true));
                 features.push(f);
             }
@@ -473,8 +500,9 @@ fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> R
         }
         for (i, im) in px.images.iter().enumerate() {
             bar.set_message(format!("{label}: image {}", i + 1));
-            let f = image.run_pixels("pixel_values", "image_features", im, pass)?;
-            if keep_features && i < px.spec_images {
+            if let Some(f) = image.run_pixels("pixel_values", "image_features", im, pass)?
+                && i < px.spec_images
+            {
                 media.push((features.len(), false));
                 features.push(f);
             }
@@ -556,12 +584,24 @@ fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> R
         excluded: tensors
             .iter()
             .flat_map(|t: &TensorEntry| &t.consumers)
-            .filter(|c| spec.exclude.iter().any(|e| c.contains(e.as_str())))
+            .filter(|c| excluded(ck, &spec.exclude, c))
             .cloned()
             .collect(),
         tensors,
         smoothing,
     })
+}
+
+/// Whether the linear with weight `name` stays in float: its name contains one of
+/// `patterns`, or it is the output head and `lm_head` is one of them (a head tied to the
+/// embeddings is named after them).
+fn excluded(ck: &Checkpoint, patterns: &[String], name: &str) -> bool {
+    let head = if ck.roots.lm_head.is_empty() {
+        format!("{}embed_tokens.weight", ck.roots.text_body)
+    } else {
+        format!("{}weight", ck.roots.lm_head)
+    };
+    patterns.iter().any(|p| name.contains(p.as_str()) || (p == "lm_head" && name == head))
 }
 
 /// SmoothQuant factors for every decoder tensor an RMSNorm produced, from pass 1's maxima and

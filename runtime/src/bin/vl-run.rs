@@ -80,16 +80,9 @@ enum DeviceArg {
     Tensorrt,
 }
 
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 fn print_stats(answer: &Answer) {
     let t = &answer.timings;
-    let rss = peak_rss_mb().map(|m| format!("{m:.0} MB")).unwrap_or_else(|| "n/a".into());
+    let rss = vl_runtime::bench::peak_rss_mb().map(|m| format!("{m:.0} MB")).unwrap_or_else(|| "n/a".into());
     eprintln!(
         "[stats] preprocess {:.1} ms | vision {:.1} ms | prefill {:.1} ms | time to first token {:.1} ms | \
          {:.2} ms/token ({:.1} tokens/s, {} tokens) | peak RSS {rss}",
@@ -193,7 +186,7 @@ fn ask(
         writeln!(
             out,
             "{}",
-            json!({"answer": answer.text, "token_ids": answer.token_ids, "finish": answer.finish, "timings": answer.timings, "peak_rss_mb": peak_rss_mb()})
+            json!({"answer": answer.text, "token_ids": answer.token_ids, "finish": answer.finish, "timings": answer.timings, "peak_rss_mb": vl_runtime::bench::peak_rss_mb()})
         )?;
     } else {
         writeln!(out)?;

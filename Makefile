@@ -64,9 +64,8 @@ bench-engines:
 	@for p in $(BENCH_PRECISIONS); do \
 	  if [ $$p = fp32 ]; then dir=engines/vl7b-slice; else dir=engines/vl7b-slice-$$p; fi; \
 	  test -f $$dir/manifest.yaml && continue; \
-	  if ./target/release/vl-export build --help | grep -qE "[ ,]$$p(,|\])"; then \
-	    ./target/release/vl-export build --model $(BENCH_MODEL) --out $$dir --precision $$p || exit 1; \
-	  else echo "vl-export has no --precision $$p yet: not benchmarked"; fi; \
+	  ./target/release/vl-export build --model $(BENCH_MODEL) --out $$dir --precision $$p \
+	    || echo "vl-export could not build --precision $$p: not benchmarked"; \
 	done
 
 fmt:

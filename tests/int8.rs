@@ -21,7 +21,7 @@ use vl_export::quant::fusion::fusion_report;
 use vl_export::quant::stats::Method;
 use vl_runtime::generate::Splice;
 use vl_runtime::kv_cache::KvCache;
-use vl_runtime::manifest::Precision;
+use vl_runtime::manifest::{Precision, Target};
 use vl_runtime::{Media, Pipeline, PipelineOptions};
 
 /// A quick spec: two generated videos, one image, three samples, both kinds of smoothing.
@@ -124,28 +124,37 @@ fn a_table_is_reused_only_under_the_same_key() {
     }
 }
 
+/// Both targets fuse every linear: the standard graph (int8 activations, for TensorRT) with
+/// `session.qdqisint8allowed`, which vl-runtime sets; the ONNX Runtime graph (uint8
+/// activations) without it.
 #[test]
 fn onnx_runtime_fuses_every_qdq_linear() {
     let base = built("tiny");
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("int8");
-    let calib = spec_in(dir.path(), "");
-    let opts = BuildOptions {
-        precision: Precision::Int8,
-        calib: Some(calib),
-        ..BuildOptions::new(base.checkpoint.clone(), out.clone())
-    };
-    build(&opts).unwrap();
-    let table = calibrate(&Checkpoint::open(&base.checkpoint).unwrap(), &spec_in(dir.path(), "")).unwrap();
-    assert!(table.reused);
-    for graph in ["vision", "image", "decoder"] {
-        let linears: usize = table.table.tensors.iter().filter(|t| t.graph == graph).map(|t| t.consumers.len()).sum();
-        let scratch = tempfile::tempdir().unwrap();
-        let r = fusion_report(&out.join(format!("{graph}.onnx")), scratch.path(), true).unwrap();
-        eprintln!("{graph}: {r:?}");
-        assert_eq!(r.integer_matmuls, linears, "{graph}: every linear runs as an integer matmul");
-        assert_eq!(r.dequantized_matmuls, 0, "{graph}");
-        assert!(!r.ops.contains_key("DequantizeLinear"), "{graph}: {:?}", r.ops);
+    for (target, int8_allowed) in [(Target::Standard, true), (Target::OnnxRuntime, false)] {
+        let out = dir.path().join(format!("int8-{target:?}"));
+        let opts = BuildOptions {
+            precision: Precision::Int8,
+            calib: Some(spec_in(dir.path(), "")),
+            target: Some(target),
+            ..BuildOptions::new(base.checkpoint.clone(), out.clone())
+        };
+        let report = build(&opts).unwrap();
+        assert_eq!(report.manifest.target, target);
+        let table = calibrate(&Checkpoint::open(&base.checkpoint).unwrap(), &spec_in(dir.path(), "")).unwrap();
+        assert!(table.reused);
+        for graph in ["vision", "image", "decoder"] {
+            let linears: usize =
+                table.table.tensors.iter().filter(|t| t.graph == graph).map(|t| t.consumers.len()).sum();
+            let scratch = tempfile::tempdir().unwrap();
+            let r = fusion_report(&out.join(format!("{graph}.onnx")), scratch.path(), int8_allowed).unwrap();
+            eprintln!("{target:?} {graph}: {r:?}");
+            assert_eq!(r.integer_matmuls, linears, "{target:?} {graph}: every linear runs as an integer matmul");
+            assert_eq!(r.dequantized_matmuls, 0, "{target:?} {graph}");
+            assert!(!r.ops.contains_key("DequantizeLinear"), "{target:?} {graph}: {:?}", r.ops);
+        }
+        let (_, logits) = run_golden(&out);
+        assert!(logits.iter().all(|v| v.is_finite()));
     }
 }
 

@@ -208,7 +208,7 @@ fn onnxruntime_target_concurrent_conversations_match_sequential_ones() {
     let question = c.golden["prompt"].as_str().unwrap().to_string();
     let converse = |i: usize| {
         let mut chat = c.pipeline.conversation(Media::VideoPixels(video_pixels(&c))).unwrap();
-        let opts = if i % 2 == 0 {
+        let opts = if i.is_multiple_of(2) {
             greedy(32)
         } else {
             let sampling = vl_runtime::sampling::SamplingParams {

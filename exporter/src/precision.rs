@@ -54,7 +54,10 @@ impl Plan {
             Precision::Fp16 => Numerics { act: DType::F16, weights: WeightFormat::Float },
             // The embedding table is a gather, not a matmul: it stays fp32.
             _ if kind == GraphKind::Embed => Numerics::FP32,
-            Precision::Int8 => Numerics { act: DType::F32, weights: WeightFormat::Int8Qdq },
+            Precision::Int8 => Numerics {
+                act: DType::F32,
+                weights: WeightFormat::Int8Qdq { unsigned_act: self.target() == Target::OnnxRuntime },
+            },
             Precision::Int8Weight => blocks(8),
             Precision::Int4Weight => blocks(4),
         }
@@ -175,10 +178,20 @@ impl Plan {
                      int8 activations, symmetric per tensor with zero point 0 and a static calibrated scale, and \
                      int8 weights, symmetric per output channel in [-127, 127]"
                         .to_string(),
-                    "explicit QDQ: QuantizeLinear/DequantizeLinear on each linear's input and DequantizeLinear(axis 1) \
-                     on its weight, before an fp32 MatMul (standard ONNX, TensorRT explicit quantization); ONNX \
-                     Runtime's CPU provider fuses each into MatMulIntegerToFloat when session.qdqisint8allowed is set"
-                        .to_string(),
+                    if self.target() == Target::OnnxRuntime {
+                        "explicit QDQ: QuantizeLinear/DequantizeLinear on each linear's input (uint8 codes, zero point \
+                         128: the int8 grid shifted, the fast path of ONNX Runtime's x86 integer kernels) and \
+                         DequantizeLinear(axis 1) on its weight, before an fp32 MatMul; ONNX Runtime's CPU provider \
+                         fuses each into MatMulIntegerToFloat"
+                            .to_string()
+                    } else {
+                        "explicit QDQ: QuantizeLinear/DequantizeLinear on each linear's input (int8 codes, zero point 0) \
+                         and DequantizeLinear(axis 1) on its weight, before an fp32 MatMul (standard ONNX, TensorRT \
+                         explicit quantization); ONNX Runtime's CPU provider fuses each into MatMulIntegerToFloat \
+                         (with session.qdqisint8allowed, which vl-runtime sets), but on x86 without AVX-VNNI-INT8 its \
+                         signed-activation kernels are slow: build with --target onnxruntime for CPU serving"
+                            .to_string()
+                    },
                     "fp32: embeddings, patch convolution, norms, softmax, attention matmuls, residual stream, biases \
                      and the KV cache"
                         .to_string(),

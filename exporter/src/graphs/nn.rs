@@ -69,7 +69,7 @@ pub fn linear(b: &mut GraphBuilder, w: &Weights, x: &str, o: LinearOpts) -> Resu
         }
     }
     let mut format = b.numerics().weights;
-    if format == WeightFormat::Int8Qdq && quant.is_some_and(|q| q.float_linears.contains(&weight_name)) {
+    if matches!(format, WeightFormat::Int8Qdq { .. }) && quant.is_some_and(|q| q.float_linears.contains(&weight_name)) {
         format = WeightFormat::Float;
     }
     let y = match format {
@@ -98,7 +98,7 @@ pub fn linear(b: &mut GraphBuilder, w: &Weights, x: &str, o: LinearOpts) -> Resu
                 ],
             )
         }
-        WeightFormat::Int8Qdq => {
+        WeightFormat::Int8Qdq { .. } => {
             let xq = b.fake_quant_int8(x, b.act_scale(&weight_name)?);
             let q = int8::quantize(&weight, o.out, o.inp);
             drop(weight);

@@ -43,10 +43,16 @@ pub enum WeightFormat {
         /// Weights per block (a power of two, at least 16).
         block: usize,
     },
-    /// W8A8 in explicit QDQ form (standard ONNX, TensorRT's explicit quantization): the input
-    /// goes through `QuantizeLinear`/`DequantizeLinear` with its calibrated per-tensor scale,
-    /// the weight is int8 per output channel behind `DequantizeLinear(axis = 1)`.
-    Int8Qdq,
+    /// W8A8 in explicit QDQ form (standard ONNX): the input goes through
+    /// `QuantizeLinear`/`DequantizeLinear` with its calibrated per-tensor scale, the weight is
+    /// int8 per output channel behind `DequantizeLinear(axis = 1)`.
+    Int8Qdq {
+        /// Activation codes uint8 with zero point 128 rather than int8 with zero point 0: the
+        /// same quantization grid, shifted. int8 is what TensorRT's explicit quantization
+        /// takes; uint8 is what ONNX Runtime's x86 integer kernels run fast (signed
+        /// activations take a slow path there unless the CPU has AVX-VNNI-INT8).
+        unsigned_act: bool,
+    },
 }
 
 /// Numeric choices of one graph.
@@ -309,7 +315,8 @@ impl GraphBuilder {
         }
     }
 
-    /// `DequantizeLinear(QuantizeLinear(x))` with per-tensor `scale` and int8 zero point 0.
+    /// `DequantizeLinear(QuantizeLinear(x))` with per-tensor `scale`: int8 codes with zero
+    /// point 0, or uint8 codes with zero point 128 (the same grid) when the numerics say so.
     /// One pair per tensor and scale: linears that share an input share its pair.
     pub fn fake_quant_int8(&mut self, x: &str, scale: f32) -> String {
         let key = (x.to_string(), scale.to_bits());
@@ -317,7 +324,20 @@ impl GraphBuilder {
             return out.clone();
         }
         let s = self.const_f32(&[scale], &[]);
-        let zp = self.const_i8(&[0], &[]);
+        let zp = match self.numerics.weights {
+            WeightFormat::Int8Qdq { unsigned_act: true } => {
+                let name = self.fresh("const");
+                self.initializers.push(TensorProto {
+                    name: Some(name.clone()),
+                    data_type: Some(DataType::Uint8 as i32),
+                    dims: vec![],
+                    raw_data: Some(vec![128]),
+                    ..Default::default()
+                });
+                name
+            }
+            _ => self.const_i8(&[0], &[]),
+        };
         let q = self.op("QuantizeLinear", &[x, &s, &zp], vec![]);
         let dq = self.op("DequantizeLinear", &[&q, &s, &zp], vec![]);
         self.qdq.insert(key, dq.clone());

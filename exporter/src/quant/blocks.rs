@@ -78,6 +78,7 @@ pub fn dequantize(qb: &QuantizedBlocks, n: usize, k: usize, bits: u8, block: usi
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

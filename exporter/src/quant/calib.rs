@@ -270,6 +270,7 @@ pub fn materialize(spec: &CalibSpec, dir: &Path) -> Result<(Vec<PathBuf>, Vec<Pa
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

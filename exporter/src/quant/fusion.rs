@@ -34,13 +34,17 @@ pub fn fusion_report(onnx: &Path, scratch: &Path, int8_allowed: bool) -> Result<
     let ort_err = |e: ort::Error| Error::Runtime(e.into());
     let out = scratch.join("optimized.onnx");
     let env = vl_runtime::ort_env::environment()?;
+    let builder_err = |e: ort::Error<ort::session::builder::SessionBuilder>| ort_err(e.into());
     let mut builder = Session::builder(env)
         .map_err(ort_err)?
         .with_optimization_level(GraphOptimizationLevel::Level3)
-        .and_then(|b| b.with_config_entry(QDQ_INT8_ALLOWED, if int8_allowed { "1" } else { "0" }))
-        .and_then(|b| b.with_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data"))
-        .and_then(|b| b.with_optimized_model_path(&out))
-        .map_err(|e| ort_err(e.into()))?;
+        .map_err(builder_err)?
+        .with_config_entry(QDQ_INT8_ALLOWED, if int8_allowed { "1" } else { "0" })
+        .map_err(builder_err)?
+        .with_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
+        .map_err(builder_err)?
+        .with_optimized_model_path(&out)
+        .map_err(builder_err)?;
     drop(builder.commit_from_file(onnx).map_err(ort_err)?);
     let bytes = std::fs::read(&out).map_err(|e| Error::io(&out, e))?;
     let model = ModelProto::decode(bytes.as_slice())

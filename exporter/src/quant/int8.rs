@@ -38,6 +38,7 @@ pub fn activation_scale(threshold: f32) -> f32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -37,6 +37,7 @@ pub fn factors(act_amax: &[f32], weight_amax: &[f32], alpha: f32) -> Vec<f32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -185,6 +185,7 @@ pub fn entropy_threshold(hist: &Histogram) -> f32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use rand::SeedableRng;
     use rand_distr::{Distribution, Normal};

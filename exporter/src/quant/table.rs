@@ -208,6 +208,7 @@ pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

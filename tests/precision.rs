@@ -25,7 +25,7 @@ struct Tolerance {
 
 const TOLERANCES: [Tolerance; 4] = [
     Tolerance { precision: Precision::Fp16, min_feature_cosine: 0.9999, max_mean_kl: 1e-4, min_top1: 0.98 },
-    Tolerance { precision: Precision::Int8, min_feature_cosine: 0.0, max_mean_kl: 10.0, min_top1: 0.0 },
+    Tolerance { precision: Precision::Int8, min_feature_cosine: 0.996, max_mean_kl: 0.02, min_top1: 0.9 },
     Tolerance { precision: Precision::Int8Weight, min_feature_cosine: 0.998, max_mean_kl: 0.01, min_top1: 0.9 },
     Tolerance { precision: Precision::Int4Weight, min_feature_cosine: 0.85, max_mean_kl: 1.0, min_top1: 0.4 },
 ];

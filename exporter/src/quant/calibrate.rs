@@ -490,6 +490,16 @@ fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> R
     let mut media = Vec::new();
     for pass in [Pass::Max, Pass::Histogram].into_iter().take(passes as usize) {
         let label = if pass == Pass::Max { "pass 1 (max)" } else { "pass 2 (histograms)" };
+        if bar.is_hidden() && opts.progress {
+            eprintln!(
+                "calibration {label}: {} videos, {} images, {} samples, {} texts ({})",
+                px.videos.len(),
+                px.images.len(),
+                spec.samples,
+                spec.texts.len(),
+                spec.origin
+            );
+        }
         for (i, v) in px.videos.iter().enumerate() {
             bar.set_message(format!("{label}: video {}", i + 1));
             if let Some(f) = vision.run_pixels("pixel_values_videos", "video_features", v, pass)? {

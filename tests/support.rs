@@ -1,4 +1,6 @@
-//! Shared helpers of the end-to-end tests: the fixture checkpoints, built once per process.
+//! vl-e2e: end-to-end tests across `vl-export` and `vl-runtime`; this library holds their shared
+//! helpers (the fixture checkpoints, built once per process). It may depend on every library
+//! package of the workspace; only tests depend on it (`vl-run`'s CLI tests included).
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The Python half of `vl-bench`: the PyTorch baseline and the machine's physical limits.
 
-`vl-bench` (runtime/src/bin/vl-bench.rs) runs this script as a child process, once per
+`vl-bench` (bench/src/main.rs) runs this script as a child process, once per
 subcommand, so that each system's peak memory is its own. Each subcommand writes one JSON file.
 
 Subcommands:

@@ -14,13 +14,15 @@ them. See tools/README.md for the fixture format and the files a checkpoint need
 """
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from oracle_common import FixtureWriter, sha256_files, top2_margin
+from oracle_common import fixture_readme as common_fixture_readme
 
 NUM_FRAMES = 8
 IMAGE_NEW_TOKENS = 16
@@ -70,17 +72,6 @@ def num_additional_image_tokens(ckpt):
 # ----------------------------------------------------------------------------- goldens
 
 
-def sha256_files(directory, pattern):
-    out = {}
-    for path in sorted(Path(directory).glob(pattern)):
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-        out[path.name] = digest.hexdigest()
-    return out
-
-
 def load_model(ckpt):
     import torch
     from transformers import GenerationConfig, VideoLlavaForConditionalGeneration
@@ -108,12 +99,6 @@ def make_pixels(seed, config):
     video = np.random.default_rng(seed).standard_normal((1, NUM_FRAMES, 3, size, size)) * 0.5
     image = np.random.default_rng(seed + 1).standard_normal((1, 3, size, size)) * 0.5
     return video.astype(np.float32), image.astype(np.float32)
-
-
-def top2_margin(logits):
-    """Smallest (top1 - top2) gap over rows: how safe an argmax comparison is."""
-    part = np.sort(logits, axis=-1)[..., -2:]
-    return float(np.min(part[..., 1] - part[..., 0]))
 
 
 def greedy(model, ids, n, **pixels):
@@ -216,19 +201,6 @@ def tokenizer_json_check(ckpt, texts, ids):
         return {"error": "no tokenizer.json"}
     raw = Tokenizer.from_file(str(path))
     return {k: raw.encode(text, add_special_tokens=special).ids == ids[k] for k, (text, special) in texts.items()}
-
-
-class FixtureWriter:
-    """Saves .npy arrays into the fixture directory and remembers their shapes for golden.json."""
-
-    def __init__(self, out_dir):
-        self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.files = {}
-
-    def save(self, name, array):
-        np.save(self.dir / name, array)
-        self.files[name] = {"shape": list(array.shape), "dtype": str(array.dtype)}
 
 
 def model_summary(config, per_frame, per_image):
@@ -370,14 +342,11 @@ def report_golden_checks(processor, raw_tokenizer, forced):
 
 
 def fixture_readme(golden):
-    return (
-        "# Golden fixture\n\n"
-        "Produced by the Python reference (transformers, fp32, eager attention, CPU):\n\n"
-        f"    .oracle/bin/python {golden['generated_by']}\n\n"
-        f"transformers {golden['versions']['transformers']}, torch {golden['versions']['torch']}.\n"
-        "Checkpoint files (sha256):\n\n"
-        + "".join(f"- `{k}`: `{v}`\n" for k, v in golden["model_sha256"].items())
-        + "\nFormat: see tools/README.md. Do not edit by hand; regenerate.\n"
+    return common_fixture_readme(
+        golden,
+        "Golden fixture",
+        "Produced by the Python reference (transformers, fp32, eager attention, CPU):",
+        "Format: see tools/README.md. Do not edit by hand; regenerate.",
     )
 
 

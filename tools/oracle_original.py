@@ -31,7 +31,6 @@ placeholder id per visual token (the placeholder is `<unk>`, as vl-export choose
 """
 
 import argparse
-import hashlib
 import json
 import math
 import shlex
@@ -39,6 +38,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from oracle_common import FixtureWriter, sha256_files, top2_margin
+from oracle_common import fixture_readme as common_fixture_readme
 
 IMAGE_TOKEN_INDEX = -200
 IMAGE_MARKER = "<image>"
@@ -387,29 +389,6 @@ def original_image_transform(image, size):
 # ----------------------------------------------------------------------------- goldens
 
 
-def sha256_files(directory, pattern):
-    out = {}
-    for path in sorted(Path(directory).glob(pattern)):
-        out[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return out
-
-
-class FixtureWriter:
-    def __init__(self, out_dir):
-        self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.files = {}
-
-    def save(self, name, array):
-        np.save(self.dir / name, array)
-        self.files[name] = {"shape": list(array.shape), "dtype": str(array.dtype)}
-
-
-def top2_margin(logits):
-    part = np.sort(logits, axis=-1)[..., -2:]
-    return float(np.min(part[..., 1] - part[..., 0]))
-
-
 def write_goldens(args):
     import torch
     import transformers
@@ -563,17 +542,14 @@ def write_preprocess_goldens(fixture, seed, size):
 
 
 def fixture_readme(golden):
-    return (
-        "# Golden fixture: original Video-LLaVA layout\n\n"
+    return common_fixture_readme(
+        golden,
+        "Golden fixture: original Video-LLaVA layout",
         "Produced by the PyTorch reference of the original model (LanguageBind video tower with temporal\n"
-        "attention on transformers' CLIP modules, LLaMA from transformers; fp32, eager attention, CPU):\n\n"
-        f"    .oracle/bin/python {golden['generated_by']}\n\n"
-        f"transformers {golden['versions']['transformers']}, torch {golden['versions']['torch']}.\n"
-        "Checkpoint files (sha256):\n\n"
-        + "".join(f"- `{k}`: `{v}`\n" for k, v in golden["model_sha256"].items())
-        + "\nFormat: tools/README.md (as tools/oracle.py writes it), plus `input_ids_with_markers` (the\n"
+        "attention on transformers' CLIP modules, LLaMA from transformers; fp32, eager attention, CPU):",
+        "Format: tools/README.md (as tools/oracle.py writes it), plus `input_ids_with_markers` (the\n"
         "original ids, -200 per marker) and `preprocess` (raw frames and the original transforms' output).\n"
-        "Do not edit by hand; regenerate with tools/make_goldens.sh.\n"
+        "Do not edit by hand; regenerate with tools/make_goldens.sh.",
     )
 
 

@@ -8,22 +8,16 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use vl_runtime::manifest::{
-    ChatTemplate, CheckpointLayout, DataFile, FrameSamplingRule, GraphEntry, Graphs, KvLayout, Manifest, ModelDims,
-    PlaceholderStyle, Precision, Preprocess, SCHEMA_VERSION, Source, SpecialTokens, Target,
+    DataFile, GraphEntry, Graphs, Manifest, ModelDims, Precision, SCHEMA_VERSION, Source, Target,
 };
-use vl_runtime::preprocess::{CLIP_MEAN, CLIP_STD, PreprocessConfig, PreprocessRecipe, Resample};
 
-use crate::checkpoint::{Checkpoint, IMAGE_MARKER, TowerDirs};
+use crate::checkpoint::{Checkpoint, TowerDirs};
+use crate::contract::{MediaContract, TOKENIZER_FILE};
 use crate::error::{Error, Result};
-use crate::graphs::{GraphKind, decoder_gqa, vision};
+use crate::graphs::{GraphKind, vision};
 use crate::onnx::{ExternalData, GraphBuilder};
 use crate::precision::Plan;
 use crate::quant::calibrate::{CalibOptions, calibrate};
-
-/// Frames per video in Video-LLaVA.
-pub const NUM_FRAMES: usize = 8;
-/// The tokenizer file name in checkpoints and engines.
-pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// What to export and where.
 #[derive(Debug, Clone)]
@@ -206,11 +200,7 @@ fn write_graph(kind: GraphKind, ck: &Checkpoint, plan: &Plan, dir: &Path, bar: &
     if let Some(params) = plan.quant_params(kind) {
         b.set_quant(params);
     }
-    if kind == GraphKind::Decoder && plan.kv_layout() == KvLayout::SharedBuffer {
-        decoder_gqa::build(&mut b, ck)?;
-    } else {
-        kind.build(&mut b, ck)?;
-    }
+    kind.build(&mut b, ck, plan.kv_layout())?;
     let done = b.finish(env!("CARGO_PKG_VERSION"))?;
     let path = dir.join(&file);
     std::fs::write(&path, &done.model_bytes).map_err(|e| Error::io(&path, e))?;
@@ -224,147 +214,12 @@ fn write_graph(kind: GraphKind, ck: &Checkpoint, plan: &Plan, dir: &Path, bar: &
     })
 }
 
-/// The chat template of the Hugging Face port (llava_v1 without the system line).
-pub fn hf_chat_template() -> ChatTemplate {
-    ChatTemplate {
-        system: String::new(),
-        first_turn_video: "USER: {video}\n{question} ASSISTANT:".into(),
-        first_turn_image: "USER: {image}\n{question} ASSISTANT:".into(),
-        first_turn_text: "USER: {question} ASSISTANT:".into(),
-        next_turn: "USER: {question} ASSISTANT:".into(),
-        answer_end: "</s>".into(),
-        video_placeholder: "<video>".into(),
-        image_placeholder: "<image>".into(),
-        placeholders: PlaceholderStyle::RepeatPerToken,
-    }
-}
-
-/// llava_v1's system line, as the original Video-LLaVA prompt starts (with its separator).
-pub const LLAVA_V1_SYSTEM: &str = "A chat between a curious human and an artificial intelligence assistant. \
-                                   The assistant gives helpful, detailed, and polite answers to the human's questions. ";
-
-/// The original Video-LLaVA prompt (llava_v1): the system line, then `USER: `, one `<image>`
-/// marker per frame joined by single spaces (or one for an image), `\n`, the question and
-/// ` ASSISTANT:`; the prompt is split on the markers (`tokenizer_image_token`).
-pub fn original_chat_template(frames: usize) -> ChatTemplate {
-    let video = vec![IMAGE_MARKER; frames].join(" ");
-    ChatTemplate {
-        system: LLAVA_V1_SYSTEM.into(),
-        first_turn_video: format!("USER: {video}\n{{question}} ASSISTANT:"),
-        first_turn_image: format!("USER: {IMAGE_MARKER}\n{{question}} ASSISTANT:"),
-        first_turn_text: "USER: {question} ASSISTANT:".into(),
-        next_turn: "USER: {question} ASSISTANT:".into(),
-        answer_end: "</s>".into(),
-        video_placeholder: IMAGE_MARKER.into(),
-        image_placeholder: IMAGE_MARKER.into(),
-        placeholders: PlaceholderStyle::SplitOnMarker,
-    }
-}
-
-/// The original transforms' settings: CLIP mean/std, `x / 255`, short side and crop at the
-/// tower's image size (224 for the 7B). Images and video frames share them.
-fn original_preprocess_config(ck: &Checkpoint, assumptions: &mut Vec<String>) -> PreprocessConfig {
-    let side = ck.config.vision.image_size as u32;
-    assumptions.push(format!(
-        "preprocessing: the original transforms at {side} px (video: x/255, normalize, bilinear short-side resize \
-         without antialias, center crop; image: pad to a square with the mean color, bicubic, crop, normalize), \
-         without the original's random horizontal flip of video frames"
-    ));
-    PreprocessConfig {
-        size: side,
-        crop: side,
-        mean: CLIP_MEAN,
-        std: CLIP_STD,
-        rescale: 1.0 / 255.0,
-        resample: Resample::Bilinear,
-    }
-}
-
-/// Preprocessing from `preprocessor_config.json` when present; CLIP's defaults otherwise.
-fn preprocess_config(ck: &Checkpoint, assumptions: &mut Vec<String>) -> Result<PreprocessConfig> {
-    let side = ck.config.vision.image_size as u32;
-    let mut cfg = PreprocessConfig {
-        size: side,
-        crop: side,
-        mean: CLIP_MEAN,
-        std: CLIP_STD,
-        rescale: 1.0 / 255.0,
-        resample: Resample::Bicubic,
-    };
-    let path = ck.dir.join("preprocessor_config.json");
-    if !path.is_file() {
-        assumptions.push(format!("no preprocessor_config.json: CLIP mean/std, bicubic, shortest edge {side}"));
-        return Ok(cfg);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Config { path: path.clone(), message: e.to_string() })?;
-    if let Some(s) = v.pointer("/size/shortest_edge").and_then(|s| s.as_u64()) {
-        cfg.size = s as u32;
-    }
-    if let Some(c) = v.pointer("/crop_size/height").and_then(|s| s.as_u64()) {
-        cfg.crop = c as u32;
-    }
-    let triple = |key: &str| -> Option<[f32; 3]> {
-        let a = v.get(key)?.as_array()?;
-        let f: Vec<f32> = a.iter().filter_map(|x| x.as_f64().map(|x| x as f32)).collect();
-        f.try_into().ok()
-    };
-    if let Some(m) = triple("image_mean") {
-        cfg.mean = m;
-    }
-    if let Some(s) = triple("image_std") {
-        cfg.std = s;
-    }
-    if let Some(r) = v.get("rescale_factor").and_then(|r| r.as_f64()) {
-        cfg.rescale = r as f32;
-    }
-    cfg.resample = match v.get("resample").and_then(|r| r.as_u64()) {
-        Some(2) => Resample::Bilinear,
-        Some(3) | None => Resample::Bicubic,
-        Some(other) => {
-            return Err(Error::Config { path, message: format!("resample {other} is not supported (2, 3 are)") });
-        }
-    };
-    if cfg.crop as usize != ck.config.vision.image_size {
-        return Err(Error::Config {
-            path,
-            message: format!(
-                "crop size {} differs from the tower's image_size {}",
-                cfg.crop, ck.config.vision.image_size
-            ),
-        });
-    }
-    Ok(cfg)
-}
-
-/// What an engine of `ck` feeds its graphs with: preprocessing, chat template and special
-/// tokens, as the manifest will say (calibration runs the graphs the same way).
-pub(crate) fn media_contract(ck: &Checkpoint) -> Result<(Preprocess, ChatTemplate, SpecialTokens)> {
-    let (c, t) = (&ck.config, &ck.config.text);
-    let mut unused = Vec::new();
-    let frames = c.vision.temporal.map_or(NUM_FRAMES, |t| t.frames);
-    let (image, recipe, template) = if ck.layout == CheckpointLayout::Original {
-        (original_preprocess_config(ck, &mut unused), PreprocessRecipe::Original, original_chat_template(frames))
-    } else {
-        (preprocess_config(ck, &mut unused)?, PreprocessRecipe::HfProcessor, hf_chat_template())
-    };
-    let tokens = SpecialTokens { bos: t.bos, eos: t.eos, pad: t.pad, image: c.image_token, video: c.video_token };
-    Ok((Preprocess { frames, sampling: FrameSamplingRule::LinspaceTruncate, image, recipe }, template, tokens))
-}
-
 fn manifest(ck: &Checkpoint, opts: &BuildOptions, plan: &Plan, graphs: Graphs) -> Result<Manifest> {
     let c = &ck.config;
     let t = &c.text;
     let mut assumptions = vec![ck.notice.clone()];
     assumptions.extend(ck.assumptions.iter().cloned());
-    let original = ck.layout == CheckpointLayout::Original;
-    let frames = c.vision.temporal.map_or(NUM_FRAMES, |t| t.frames);
-    let (image, recipe, chat_template) = if original {
-        (original_preprocess_config(ck, &mut assumptions), PreprocessRecipe::Original, original_chat_template(frames))
-    } else {
-        (preprocess_config(ck, &mut assumptions)?, PreprocessRecipe::HfProcessor, hf_chat_template())
-    };
+    let media = MediaContract::of(ck, &mut assumptions)?;
     Ok(Manifest {
         schema_version: SCHEMA_VERSION,
         toolkit_version: env!("CARGO_PKG_VERSION").into(),
@@ -375,7 +230,7 @@ fn manifest(ck: &Checkpoint, opts: &BuildOptions, plan: &Plan, graphs: Graphs) -
             weight_dtype: ck.store.dominant_dtype(),
         },
         model: ModelDims {
-            num_frames: frames,
+            num_frames: media.preprocess.frames,
             tokens_per_frame: c.vision.tokens(),
             tokens_per_image: vision::image_tokens(ck),
             text_hidden: t.hidden,
@@ -385,15 +240,22 @@ fn manifest(ck: &Checkpoint, opts: &BuildOptions, plan: &Plan, graphs: Graphs) -
             head_dim: t.head_dim,
             vocab_size: t.vocab,
             image_size: c.vision.image_size,
+            patch_size: c.vision.patch_size,
+            vision_hidden: c.vision.hidden,
+            vision_intermediate: c.vision.intermediate,
+            vision_layers: c.vision.layers,
+            vision_layers_run: c.vision_layers_needed(),
+            vision_feature_layers: c.feature_layers.len(),
+            text_intermediate: t.intermediate,
             kv_dtype: plan.kv_dtype(),
             kv_layout: plan.kv_layout(),
         },
         precision: opts.precision,
         target: plan.target(),
         graphs,
-        tokens: SpecialTokens { bos: t.bos, eos: t.eos, pad: t.pad, image: c.image_token, video: c.video_token },
-        chat_template,
-        preprocess: Preprocess { frames, sampling: FrameSamplingRule::LinspaceTruncate, image, recipe },
+        tokens: media.tokens,
+        chat_template: media.chat_template,
+        preprocess: media.preprocess,
         max_sequence_length: t.max_positions,
         tokenizer: TOKENIZER_FILE.into(),
         assumptions,

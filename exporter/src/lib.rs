@@ -1,5 +1,11 @@
 //! vl-export: turns Video-LLaVA checkpoints into ONNX graphs and a manifest for `vl-runtime`.
 //!
+//! It may depend on `vl-runtime` (the manifest contract, preprocessing and prompt rules it
+//! shares with the runtime, ONNX Runtime for calibration and evaluation); the runtime never
+//! depends on it. Inside, imports point one way
+//! (tested by no module importing one that imports it back): `checkpoint` ← `contract`;
+//! `weight_codes`, `onnx` ← `graphs` ← `quant` (calibration) ← `precision` ← `export`.
+//!
 //! ```no_run
 //! use vl_export::export::{BuildOptions, build};
 //! let report = build(&BuildOptions::new("checkpoint/".into(), "engines/".into()))?;
@@ -9,6 +15,7 @@
 #![warn(clippy::unwrap_used)]
 
 pub mod checkpoint;
+pub mod contract;
 pub mod error;
 pub mod eval;
 pub mod export;
@@ -17,5 +24,6 @@ pub mod onnx;
 pub mod precision;
 pub mod quant;
 pub mod synth;
+pub mod weight_codes;
 
 pub use error::{Error, Result};

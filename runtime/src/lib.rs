@@ -1,4 +1,9 @@
-//! vl-runtime: runs Video-LLaVA graphs exported by `vl-export`.
+//! vl-runtime: runs Video-LLaVA graphs exported by `vl-export`; the library services embed.
+//!
+//! It may depend on ONNX Runtime (`ort`), tensors (`ndarray`, `half`), the tokenizer, ffmpeg
+//! (through `ffmpeg-sidecar`), image resizing and serialization; never on command-line, progress
+//! bar or benchmark code, nor on any other package of this workspace. The binaries (`vl-run`,
+//! `vl-serve`), the exporter and the benchmarks depend on it.
 //!
 //! Quick start (load once, ask, stream):
 //! ```no_run
@@ -14,12 +19,13 @@
 //! ```
 #![warn(clippy::unwrap_used)]
 
-pub mod bench;
 pub mod error;
+pub mod exit;
 pub mod generate;
 pub mod graph;
 pub mod kv_cache;
 pub mod manifest;
+pub mod memory;
 pub mod ort_env;
 pub mod pipeline;
 pub mod preprocess;

@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::preprocess::{PreprocessConfig, PreprocessRecipe};
 
 /// The manifest schema this runtime reads and the exporter writes.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// The manifest's file name inside an engine directory.
 pub const MANIFEST_FILE: &str = "manifest.yaml";
 
@@ -142,6 +142,20 @@ pub struct ModelDims {
     pub vocab_size: usize,
     /// Input image side in pixels.
     pub image_size: usize,
+    /// Side of one patch in pixels.
+    pub patch_size: usize,
+    /// Width of the vision tower.
+    pub vision_hidden: usize,
+    /// MLP width of the vision tower.
+    pub vision_intermediate: usize,
+    /// Encoder layers in the checkpoint's vision tower.
+    pub vision_layers: usize,
+    /// Encoder layers the vision graphs run (up to the deepest feature layer).
+    pub vision_layers_run: usize,
+    /// Encoder layers whose outputs are concatenated into the projector.
+    pub vision_feature_layers: usize,
+    /// MLP width of the text model.
+    pub text_intermediate: usize,
     /// Element type of the KV cache (`past_key_values.*`, `present.*`).
     #[serde(default = "default_kv_dtype")]
     pub kv_dtype: DType,
@@ -359,18 +373,23 @@ impl Manifest {
     pub fn load(engine_dir: &Path) -> Result<Self> {
         let path = engine_dir.join(MANIFEST_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let manifest: Manifest = serde_norway::from_str(&text)
+        // The version first: a manifest of another schema fails on it, not on a field it lacks.
+        #[derive(Deserialize)]
+        struct Versioned {
+            schema_version: u32,
+        }
+        let version: Versioned = serde_norway::from_str(&text)
             .map_err(|e| Error::Manifest { path: path.clone(), message: e.to_string() })?;
-        if manifest.schema_version != SCHEMA_VERSION {
+        if version.schema_version != SCHEMA_VERSION {
             return Err(Error::Manifest {
                 path,
                 message: format!(
                     "schema version {} but this runtime reads {SCHEMA_VERSION}; re-export with this toolkit",
-                    manifest.schema_version
+                    version.schema_version
                 ),
             });
         }
-        Ok(manifest)
+        serde_norway::from_str(&text).map_err(|e| Error::Manifest { path: path.clone(), message: e.to_string() })
     }
 
     /// Writes it as `manifest.yaml` into `dir`.

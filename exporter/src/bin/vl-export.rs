@@ -307,7 +307,7 @@ fn run() -> Result<()> {
             };
             let report = build(&opts)?;
             println!("note: {}", report.notice);
-            let rss = vl_runtime::bench::peak_rss_mb().map(|m| format!(", peak RSS {m:.0} MB")).unwrap_or_default();
+            let rss = vl_runtime::memory::peak_rss_mb().map(|m| format!(", peak RSS {m:.0} MB")).unwrap_or_default();
             println!(
                 "exported {} ({}) to {} in {:.1} s{rss}",
                 report.manifest.source.path,
@@ -384,11 +384,5 @@ fn run() -> Result<()> {
 
 /// Errors are printed as one chain (`error: what: why`), without a backtrace, and exit with 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    vl_runtime::exit::exit_code(run())
 }

@@ -1,9 +1,10 @@
 //! One module per graph of an engine.
 pub mod decoder;
-pub mod decoder_gqa;
 pub mod embed;
 pub mod nn;
 pub mod vision;
+
+use vl_runtime::manifest::KvLayout;
 
 use crate::checkpoint::Checkpoint;
 use crate::error::Result;
@@ -36,13 +37,14 @@ impl GraphKind {
         }
     }
 
-    /// Adds this graph's nodes and weights to `b`.
-    pub fn build(self, b: &mut GraphBuilder, ck: &Checkpoint) -> Result<()> {
+    /// Adds this graph's nodes and weights to `b`; `kv` says how the decoder's KV cache
+    /// crosses its interface.
+    pub fn build(self, b: &mut GraphBuilder, ck: &Checkpoint, kv: KvLayout) -> Result<()> {
         match self {
             GraphKind::Vision => vision::build_video(b, ck),
             GraphKind::Image => vision::build_image(b, ck),
             GraphKind::Embed => embed::build(b, ck),
-            GraphKind::Decoder => decoder::build(b, ck),
+            GraphKind::Decoder => decoder::build(b, ck, kv),
         }
     }
 }

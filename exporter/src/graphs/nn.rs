@@ -4,7 +4,7 @@ use vl_runtime::manifest::DType;
 use crate::checkpoint::{Activation, Weights};
 use crate::error::Result;
 use crate::onnx::{Attr, GraphBuilder, WeightFormat};
-use crate::quant::{blocks, int8};
+use crate::weight_codes::{blocks, int8};
 
 /// ONNX `TensorProto.DataType` codes used by `Cast`.
 const FLOAT: i64 = 1;

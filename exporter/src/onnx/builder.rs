@@ -6,6 +6,7 @@ use std::sync::Arc;
 use prost::Message;
 use vl_runtime::manifest::{DType, Dim, TensorSpec};
 
+use super::QuantParams;
 use super::external::ExternalData;
 use super::proto::{
     self, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
@@ -13,7 +14,6 @@ use super::proto::{
     tensor_shape_proto, type_proto,
 };
 use crate::error::{Error, Result};
-use crate::quant::QuantParams;
 
 /// IR version matching opset 17.
 const IR_VERSION: i64 = 8;

@@ -23,7 +23,7 @@ use ort::value::{Tensor, TensorRef};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 use vl_runtime::generate::features_2d;
-use vl_runtime::manifest::{ChatTemplate, Preprocess, SpecialTokens};
+use vl_runtime::manifest::{ChatTemplate, KvLayout, Preprocess, SpecialTokens};
 use vl_runtime::prompt::{PromptBuilder, VisualSlot};
 use vl_runtime::video::{FrameSampling, load_image, load_video};
 
@@ -32,6 +32,7 @@ use super::smooth;
 use super::stats::{self, Histogram, Method};
 use super::table::{self, FORMAT, FoldKind, QuantTable, SmoothEntry, TensorEntry};
 use crate::checkpoint::Checkpoint;
+use crate::contract::MediaContract;
 use crate::error::{Error, Result};
 use crate::graphs::GraphKind;
 use crate::onnx::{ExternalData, GraphBuilder, SmoothSource, Tap};
@@ -226,7 +227,8 @@ impl CalibGraph {
         let data = ExternalData::create(&dir.join(format!("{}.onnx.data", kind.name())))?;
         let mut b = GraphBuilder::new(kind.name(), data);
         b.enable_taps();
-        kind.build(&mut b, ck)?;
+        // Calibration runs the standard decoder: its taps see every activation.
+        kind.build(&mut b, ck, KvLayout::Concat)?;
         let done = b.finish(env!("CARGO_PKG_VERSION"))?;
         std::fs::write(&file, &done.model_bytes).map_err(|e| Error::io(&file, e))?;
         let env = vl_runtime::ort_env::environment()?;
@@ -430,7 +432,7 @@ fn samples(
     template: &ChatTemplate,
     tokens: &SpecialTokens,
 ) -> Result<Vec<Sample>> {
-    let path = ck.dir.join(crate::export::TOKENIZER_FILE);
+    let path = ck.dir.join(crate::contract::TOKENIZER_FILE);
     let tokenizer = Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
     let builder = PromptBuilder::new(&tokenizer, template, tokens);
     let mut out = Vec::new();
@@ -471,7 +473,7 @@ fn samples(
 fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> Result<QuantTable> {
     let work =
         tempfile::Builder::new().prefix("vl-calib-").tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    let (pre, template, tokens) = crate::export::media_contract(ck)?;
+    let MediaContract { preprocess: pre, chat_template: template, tokens } = MediaContract::of(ck, &mut Vec::new())?;
     let px = pixels(spec, &pre, work.path())?;
     let passes: u64 = if spec.method.needs_histogram() { 2 } else { 1 };
     let per_pass = (px.videos.len() + px.images.len() + spec.samples + spec.texts.len()) as u64;

@@ -1,28 +1,11 @@
-//! Quantization: block-wise weight quantization for `MatMulNBits`, and W8A8 post-training
-//! quantization (calibration statistics, SmoothQuant, per-channel int8 weights for QDQ graphs).
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
-
-pub mod blocks;
+//! W8A8 post-training quantization: calibration (statistics of the graphs' activations),
+//! SmoothQuant, and the tables they produce. The weight formats themselves are in
+//! [`crate::weight_codes`]; the graphs read the result through [`QuantParams`].
 pub mod calib;
 pub mod calibrate;
 pub mod fusion;
-pub mod int8;
 pub mod smooth;
 pub mod stats;
 pub mod table;
 
-/// What the graph code looks up, by checkpoint tensor name, to build a smoothed or int8 graph.
-#[derive(Debug, Default, Clone)]
-pub struct QuantParams {
-    /// Per-tensor activation scale of each linear's input, by the linear's weight name.
-    pub act_scales: HashMap<String, f32>,
-    /// SmoothQuant factors multiplied into a linear's weight columns, by its weight name.
-    pub column_factors: HashMap<String, Arc<[f32]>>,
-    /// SmoothQuant factors dividing a norm's weight, by the norm's weight name.
-    pub norm_divisors: HashMap<String, Arc<[f32]>>,
-    /// SmoothQuant factors dividing a linear's weight rows and bias, by its weight name.
-    pub row_divisors: HashMap<String, Arc<[f32]>>,
-    /// Linears kept in float in an int8 graph, by weight name.
-    pub float_linears: HashSet<String>,
-}
+pub use crate::onnx::QuantParams;

@@ -191,7 +191,7 @@ pub fn scale_hex(scale: f32) -> String {
 
 /// The int8 range of a threshold.
 pub fn range(amax: f32, threshold: f32) -> Range {
-    Range { amax, threshold, scale: super::int8::activation_scale(threshold) }
+    Range { amax, threshold, scale: crate::weight_codes::int8::activation_scale(threshold) }
 }
 
 /// Writes `text` to `path` through a temporary file in the same directory.

@@ -130,7 +130,7 @@ fn languagebind_tower_config(s: &SynthSpec, temporal: bool) -> serde_json::Value
             "num_hidden_layers": s.vision_layers, "num_attention_heads": s.vision_heads,
             "image_size": s.image_size, "patch_size": s.patch_size, "layer_norm_eps": 1e-5,
             "num_channels": 3, "projection_dim": s.vision_hidden,
-            "add_time_attn": temporal, "num_frames": if temporal { crate::export::NUM_FRAMES } else { 1 },
+            "add_time_attn": temporal, "num_frames": if temporal { crate::contract::NUM_FRAMES } else { 1 },
             "video_decode_backend": "decord", "force_patch_dropout": 0.0,
         },
     })

@@ -9,8 +9,8 @@ use safetensors::{Dtype, tensor::TensorView};
 use vl_runtime::manifest::CheckpointLayout;
 
 use super::{SynthSpec, WeightDtype};
+use crate::contract::NUM_FRAMES;
 use crate::error::{Error, Result};
-use crate::export::NUM_FRAMES;
 
 /// How a tensor is initialized. Scales keep activations near unit size through the layers
 /// and spread the logits, so that greedy decoding is not decided by rounding noise.

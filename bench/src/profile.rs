@@ -11,11 +11,11 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::TensorRef;
 use serde::{Deserialize, Serialize};
 
-use super::stats::Summary;
-use super::{BenchError, Result, read_json};
-use crate::generate::ms;
-use crate::kv_cache::KvCache;
-use crate::manifest::Manifest;
+use crate::stats::Summary;
+use crate::{BenchError, Result, read_json};
+use vl_runtime::generate::ms;
+use vl_runtime::kv_cache::KvCache;
+use vl_runtime::manifest::Manifest;
 
 /// What to profile.
 #[derive(Debug, Clone)]
@@ -85,7 +85,7 @@ struct Event {
 }
 
 fn session(dir: &Path, file: &str, threads: usize, trace: &Path) -> Result<Session> {
-    let env = crate::ort_env::environment()?;
+    let env = vl_runtime::ort_env::environment()?;
     let session = Session::builder(env)
         .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::Level3).map_err(ort::Error::from))
         .and_then(|b| b.with_intra_threads(threads).map_err(ort::Error::from))

@@ -1,4 +1,4 @@
-//! The work a stage needs, from the checkpoint's `config.json`: FLOPs for vision and prefill
+//! The work a stage needs, from the model dimensions in an engine's manifest: FLOPs for vision and prefill
 //! (bounded by the GEMM rate) and bytes per decode step (bounded by memory bandwidth).
 //!
 //! FLOPs count the useful work only: the vision layers up to `vision_feature_layer` (a system
@@ -7,9 +7,9 @@
 use std::path::Path;
 
 use serde::Serialize;
-use serde_json::Value;
+use vl_runtime::manifest::{Manifest, ModelDims};
 
-use super::{BenchError, Result, read_json};
+use crate::Result;
 
 /// Widths of the vision tower and projector.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -58,61 +58,35 @@ pub struct ModelCost {
     pub text: TextDims,
 }
 
-fn field(obj: &Value, key: &str) -> Result<usize> {
-    obj.get(key)
-        .and_then(Value::as_u64)
-        .map(|v| v as usize)
-        .ok_or_else(|| BenchError::Plan(format!("config.json: no integer `{key}`")))
-}
-
-fn feature_layers(cfg: &Value, total: usize) -> Result<(usize, usize)> {
-    let resolve = |v: i64| if v < 0 { (total as i64 + 1 + v).max(0) as usize } else { v as usize };
-    match cfg.get("vision_feature_layer") {
-        Some(Value::Number(n)) => Ok((resolve(n.as_i64().unwrap_or(-2)), 1)),
-        Some(Value::Array(items)) => {
-            let layers: Vec<usize> = items.iter().filter_map(Value::as_i64).map(resolve).collect();
-            Ok((layers.iter().copied().max().unwrap_or(total), layers.len().max(1)))
-        }
-        _ => Ok((resolve(-2), 1)),
-    }
-}
-
 impl ModelCost {
-    /// Reads `config.json` of a Video-LLaVA checkpoint directory.
-    pub fn from_checkpoint(dir: &Path) -> Result<Self> {
-        let cfg: Value = read_json(&dir.join("config.json"))?;
-        Self::from_config(&cfg)
-    }
-
-    /// From a parsed `config.json`.
-    pub fn from_config(cfg: &Value) -> Result<Self> {
-        let missing = |k: &str| BenchError::Plan(format!("config.json: no `{k}`"));
-        let v = cfg.get("vision_config").ok_or_else(|| missing("vision_config"))?;
-        let t = cfg.get("text_config").ok_or_else(|| missing("text_config"))?;
-        let layers_total = field(v, "num_hidden_layers")?;
-        let (layers_needed, n_features) = feature_layers(cfg, layers_total)?;
-        let heads = field(t, "num_attention_heads")?;
-        let hidden = field(t, "hidden_size")?;
-        Ok(Self {
+    /// The resolved dimensions an engine's manifest records (the exporter resolved the
+    /// checkpoint's config, transformers' defaults included).
+    pub fn from_dims(m: &ModelDims) -> Self {
+        Self {
             vision: VisionDims {
-                hidden: field(v, "hidden_size")?,
-                intermediate: field(v, "intermediate_size")?,
-                layers_needed,
-                layers_total,
-                image_size: field(v, "image_size")?,
-                patch_size: field(v, "patch_size")?,
-                feature_layers: n_features,
+                hidden: m.vision_hidden,
+                intermediate: m.vision_intermediate,
+                layers_needed: m.vision_layers_run,
+                layers_total: m.vision_layers,
+                image_size: m.image_size,
+                patch_size: m.patch_size,
+                feature_layers: m.vision_feature_layers,
             },
             text: TextDims {
-                hidden,
-                intermediate: field(t, "intermediate_size")?,
-                layers: field(t, "num_hidden_layers")?,
-                heads,
-                kv_heads: field(t, "num_key_value_heads").unwrap_or(heads),
-                head_dim: field(t, "head_dim").unwrap_or(hidden / heads.max(1)),
-                vocab: field(t, "vocab_size")?,
+                hidden: m.text_hidden,
+                intermediate: m.text_intermediate,
+                layers: m.num_layers,
+                heads: m.num_heads,
+                kv_heads: m.num_kv_heads,
+                head_dim: m.head_dim,
+                vocab: m.vocab_size,
             },
-        })
+        }
+    }
+
+    /// From the manifest of the engine in `engine_dir`.
+    pub fn from_engine(engine_dir: &Path) -> Result<Self> {
+        Ok(Self::from_dims(&Manifest::load(engine_dir)?.model))
     }
 
     /// Visual tokens per frame (patches + CLS).
@@ -154,27 +128,39 @@ impl ModelCost {
 mod tests {
     use super::*;
 
-    fn vl7b_slice() -> Value {
-        serde_json::json!({
-            "vision_feature_layer": -2,
-            "vision_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 3,
-                              "image_size": 224, "patch_size": 14},
-            "text_config": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 2,
-                            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064}
+    /// vl7b-slice: real 7B widths, 3 CLIP layers (2 run for feature layer -2), 2 LLaMA layers.
+    fn vl7b_slice() -> ModelCost {
+        ModelCost::from_dims(&ModelDims {
+            num_frames: 8,
+            tokens_per_frame: 257,
+            tokens_per_image: 256,
+            text_hidden: 4096,
+            num_layers: 2,
+            num_heads: 32,
+            num_kv_heads: 32,
+            head_dim: 128,
+            vocab_size: 32064,
+            image_size: 224,
+            patch_size: 14,
+            vision_hidden: 1024,
+            vision_intermediate: 4096,
+            vision_layers: 3,
+            vision_layers_run: 2,
+            vision_feature_layers: 1,
+            text_intermediate: 11008,
+            kv_dtype: vl_runtime::manifest::DType::F32,
+            kv_layout: Default::default(),
         })
     }
 
     #[test]
-    fn feature_layer_minus_two_needs_all_but_the_last_layer() {
-        let c = ModelCost::from_config(&vl7b_slice()).expect("config");
-        assert_eq!((c.vision.layers_needed, c.vision.layers_total), (2, 3));
-        assert_eq!(c.tokens_per_frame(), 257);
-        assert_eq!(c.text.head_dim, 128);
+    fn tokens_per_frame_are_the_patches_and_cls() {
+        assert_eq!(vl7b_slice().tokens_per_frame(), 257);
     }
 
     #[test]
     fn prefill_flops_are_about_two_per_weight_per_token() {
-        let c = ModelCost::from_config(&vl7b_slice()).expect("config");
+        let c = vl7b_slice();
         // 2 layers × 202 M weights; 2,079 tokens; attention adds a few percent.
         let weights = 2.0 * (4.0 * 4096.0 * 4096.0 + 3.0 * 4096.0 * 11008.0);
         let f = c.prefill_flops(2079, 0);
@@ -186,7 +172,7 @@ mod tests {
 
     #[test]
     fn vision_flops_scale_with_frames() {
-        let c = ModelCost::from_config(&vl7b_slice()).expect("config");
+        let c = vl7b_slice();
         let one = c.vision_flops(1);
         assert!((c.vision_flops(8) / one - 8.0).abs() < 1e-9);
         // Two CLIP-L layers and the 1024→4096→4096 projector on 257 tokens: ~24 GFLOP a frame.

@@ -6,9 +6,9 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::cost::ModelCost;
-use super::schema::{Limits, Scaling, SystemRun};
-use super::stats::{Summary, pairwise_ratio, pairwise_sum};
+use crate::cost::ModelCost;
+use crate::schema::{Limits, Scaling, SystemRun};
+use crate::stats::{Summary, pairwise_ratio, pairwise_sum};
 
 /// The stages of one answer that are timed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -495,7 +495,7 @@ pub fn markdown(r: &Report) -> String {
 }
 
 fn scaling_tables(out: &mut String, r: &Report) {
-    type Curve = fn(&Scaling) -> &Vec<super::schema::Point>;
+    type Curve = fn(&Scaling) -> &Vec<crate::schema::Point>;
     let curves: [(&str, &str, Curve, f64, usize); 3] = [
         ("decode ms/token against context length", "context", |s| &s.decode_vs_context, 1.0, 1),
         (

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use vl_runtime::bench::driver::{self, RunPlan, ScalingChoice};
-use vl_runtime::bench::measure::{EnginePlan, ScalingPlan, measure_engine};
-use vl_runtime::bench::profile::{ProfilePlan, format_profile, profile_decode};
-use vl_runtime::bench::write_json;
+use vl_bench::driver::{self, RunPlan, ScalingChoice};
+use vl_bench::measure::{EnginePlan, ScalingPlan, measure_engine};
+use vl_bench::profile::{ProfilePlan, format_profile, profile_decode};
+use vl_bench::write_json;
 
 #[derive(Parser)]
 #[command(version, about = "Benchmark vl engines against the PyTorch baseline")]
@@ -177,9 +177,6 @@ enum Cmd {
         /// Output directory of a run.
         #[arg(long, default_value = "bench")]
         out: PathBuf,
-        /// The checkpoint (for the FLOP counts).
-        #[arg(long, default_value = "work/vl7b-slice")]
-        model: PathBuf,
     },
     /// Profiles decode steps of an engine's decoder with ONNX Runtime's profiler.
     Profile {
@@ -205,7 +202,7 @@ fn log(line: &str) {
     eprintln!("{line}");
 }
 
-fn main() -> Result<()> {
+fn run() -> Result<()> {
     let command_line = std::env::args().collect::<Vec<_>>().join(" ");
     match Cli::parse().command {
         Cmd::Run {
@@ -281,7 +278,7 @@ fn main() -> Result<()> {
                 };
             }
             let report = driver::run(&plan, &log)?;
-            println!("{}", vl_runtime::bench::report::markdown(&report));
+            println!("{}", vl_bench::report::markdown(&report));
             println!("wrote {0}/results.json, {0}/results.md, {0}/bench.png", plan.out.display());
         }
         Cmd::Engine {
@@ -325,9 +322,9 @@ fn main() -> Result<()> {
             let run = measure_engine(&plan, &log).with_context(|| format!("measuring {}", plan.engine.display()))?;
             write_json(&out, &run)?;
         }
-        Cmd::Report { out, model } => {
-            let report = driver::write_report(&out, &model)?;
-            println!("{}", vl_runtime::bench::report::markdown(&report));
+        Cmd::Report { out } => {
+            let report = driver::write_report(&out)?;
+            println!("{}", vl_bench::report::markdown(&report));
         }
         Cmd::Profile { engine, threads, context, steps, out } => {
             let plan = ProfilePlan { engine, threads, context, steps, out_dir: out.clone() };
@@ -339,4 +336,9 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Errors are printed as one chain (`error: what: why`), without a backtrace, and exit with 1.
+fn main() -> std::process::ExitCode {
+    vl_runtime::exit::exit_code(run())
 }

@@ -1,4 +1,8 @@
-//! Benchmarks against the PyTorch baseline: the library half of the `vl-bench` binary.
+//! vl-bench: benchmarks of vl engines against the PyTorch baseline; the library half of the
+//! `vl-bench` binary.
+//!
+//! May depend on `vl-runtime` through its public API only (never the other way round), on ONNX
+//! Runtime for profiling, and on CLI crates in the binary. Nothing depends on it.
 //!
 //! `vl-bench run` measures, on one checkpoint and with the same thread count, the PyTorch
 //! baseline (`tools/bench_torch.py`, transformers eager fp32) and every engine precision that was
@@ -32,10 +36,10 @@ pub mod stats;
 pub enum BenchError {
     /// The runtime failed (loading, generation).
     #[error(transparent)]
-    Runtime(#[from] crate::Error),
+    Runtime(#[from] vl_runtime::Error),
     /// Decoding or preprocessing the clip failed.
     #[error(transparent)]
-    Video(#[from] crate::video::VideoError),
+    Video(#[from] vl_runtime::video::VideoError),
     /// ONNX Runtime failed outside the runtime's own sessions (profiling).
     #[error("ONNX Runtime: {0}")]
     Ort(#[from] ort::Error),
@@ -112,12 +116,4 @@ pub fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Res
     let text =
         serde_json::to_string_pretty(value).map_err(|source| BenchError::Json { path: path.to_path_buf(), source })?;
     std::fs::write(path, text + "\n").map_err(|e| BenchError::io(path, e))
-}
-
-/// Peak resident set size of this process so far, in MB (`VmHWM`; `None` off Linux).
-pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }

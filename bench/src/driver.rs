@@ -18,15 +18,15 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use super::cost::ModelCost;
-use super::measure::ScalingPlan;
-use super::report::{self, ReportInput, Skipped};
-use super::schema::{Limits, SystemRun};
-use super::{BenchError, Result, read_json, write_json};
-use crate::manifest::{MANIFEST_FILE, Manifest};
-use crate::preprocess::preprocess_video;
-use crate::prompt::{PromptBuilder, VisualSlot};
-use crate::video::{FrameSampling, load_video};
+use crate::cost::ModelCost;
+use crate::measure::ScalingPlan;
+use crate::report::{self, ReportInput, Skipped};
+use crate::schema::{Limits, SystemRun};
+use crate::{BenchError, Result, read_json, write_json};
+use vl_runtime::manifest::{MANIFEST_FILE, Manifest};
+use vl_runtime::preprocess::preprocess_video;
+use vl_runtime::prompt::{PromptBuilder, VisualSlot};
+use vl_runtime::video::{FrameSampling, load_video};
 
 /// Which systems get the scaling curves (they cost about as much as the main measurements).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,8 +176,8 @@ pub fn prepare_inputs(
         .map_err(|source| BenchError::Npy { path: pixels_path.clone(), source })?;
 
     let tok_path = engine.join(&manifest.tokenizer);
-    let tokenizer =
-        Tokenizer::from_file(&tok_path).map_err(|e| crate::Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+    let tokenizer = Tokenizer::from_file(&tok_path)
+        .map_err(|e| vl_runtime::Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
     let t = &manifest.chat_template;
     let ids = PromptBuilder::new(&tokenizer, t, &manifest.tokens)
         .first_turn(VisualSlot::Video { tokens: frames * manifest.model.tokens_per_frame }, question)?;
@@ -364,7 +364,7 @@ pub fn run(plan: &RunPlan, log: &dyn Fn(&str)) -> Result<report::Report> {
     }
     let meta = Meta { skipped, ..meta };
     write_json(&raw.join("meta.json"), &meta)?;
-    let report = write_report(&plan.out, &plan.model)?;
+    let report = write_report(&plan.out)?;
     if let Some(python) = &plan.python {
         let mut cmd = Command::new(python);
         cmd.arg(&plan.script)
@@ -382,7 +382,7 @@ pub fn run(plan: &RunPlan, log: &dyn Fn(&str)) -> Result<report::Report> {
 }
 
 /// Builds `results.json` and `results.md` in `out` from `out/raw/`.
-pub fn write_report(out: &Path, model: &Path) -> Result<report::Report> {
+pub fn write_report(out: &Path) -> Result<report::Report> {
     let raw = raw_dir(out);
     let meta: Meta = read_json(&raw.join("meta.json"))?;
     let limits: Option<Limits> = {
@@ -403,7 +403,8 @@ pub fn write_report(out: &Path, model: &Path) -> Result<report::Report> {
     for f in files {
         runs.push(read_json::<SystemRun>(&f)?);
     }
-    let cost = ModelCost::from_checkpoint(model).ok();
+    // The model's dimensions as the first engine's manifest resolved them.
+    let cost = runs.iter().filter_map(|r| r.engine.as_deref()).find_map(|e| ModelCost::from_engine(Path::new(e)).ok());
     let report = report::build(ReportInput {
         command: meta.command,
         smoke: meta.smoke,

@@ -7,15 +7,16 @@ use std::time::{Duration, Instant};
 
 use ndarray::{Array5, Axis, s};
 
-use super::schema::{Point, Samples, Scaling, SystemRun};
-use super::{Result, peak_rss_mb};
-use crate::generate::ms;
-use crate::kv_cache::KvCache;
-use crate::manifest::DType;
-use crate::preprocess::{load_pixel_values_npy, preprocess_video};
-use crate::prompt::{PromptBuilder, VisualSlot};
-use crate::video::{FrameSampling, load_video};
-use crate::{Answer, Flow, GenerateOptions, Media, Pipeline, PipelineOptions, SessionOptions, Verify};
+use crate::Result;
+use crate::schema::{Point, Samples, Scaling, SystemRun};
+use vl_runtime::generate::ms;
+use vl_runtime::kv_cache::KvCache;
+use vl_runtime::manifest::DType;
+use vl_runtime::memory::peak_rss_mb;
+use vl_runtime::preprocess::{load_pixel_values_npy, preprocess_video};
+use vl_runtime::prompt::{PromptBuilder, VisualSlot};
+use vl_runtime::video::{FrameSampling, load_video};
+use vl_runtime::{Answer, Flow, GenerateOptions, Media, Pipeline, PipelineOptions, SessionOptions, Verify};
 
 /// Which scaling curves to measure, and where.
 #[derive(Debug, Clone)]
@@ -248,7 +249,7 @@ pub fn measure_engine(plan: &EnginePlan, log: &dyn Fn(&str)) -> Result<SystemRun
             ("vl-runtime".to_string(), env!("CARGO_PKG_VERSION").to_string()),
             (
                 "onnxruntime".to_string(),
-                crate::ort_env::find_library().map(|p| p.display().to_string()).unwrap_or_default(),
+                vl_runtime::ort_env::find_library().map(|p| p.display().to_string()).unwrap_or_default(),
             ),
         ]
         .into(),
@@ -298,7 +299,7 @@ fn measure_scaling(
             black_box(lm.forward(kv, &[42], None)?);
             times.push(ms(t.elapsed()));
         }
-        let median = super::stats::Summary::of(&times).map_or(f64::NAN, |s| s.median);
+        let median = crate::stats::Summary::of(&times).map_or(f64::NAN, |s| s.median);
         Ok(Point { x, ms: median })
     };
 

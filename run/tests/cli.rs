@@ -1,70 +1,19 @@
 //! The `vl-run` binary on the tiny fixture engine: golden tokens from `--pixel-values`, clear
 //! errors for bad input, odd videos, and a demo-style run on a real video.
 //!
-//! Cargo builds another package's binaries only for that package's own tests, so these tests
-//! run the `vl-run` that `cargo build` (or `cargo test --workspace`) left beside this test's
-//! own executable. Videos are made with the system `ffmpeg`.
+//! These tests live in the package that owns the binary, so cargo builds the `vl-run` they run
+//! from the current sources (`CARGO_BIN_EXE_vl-run`). Videos are made with the system `ffmpeg`.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 use serde_json::Value;
 use vl_e2e::{built, fixture_dir};
 
-/// `target/<profile>/vl-run`, the profile this test was built with first.
+/// The `vl-run` that cargo built for this test from the current sources.
 fn vl_run() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/cli-<hash>
-        let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-        let target = profile_dir.parent().unwrap();
-        let (this, other) = if cfg!(debug_assertions) { ("debug", "release") } else { ("release", "debug") };
-        let build_flag = if cfg!(debug_assertions) { "" } else { " --release" };
-        let candidates =
-            [profile_dir.join("vl-run"), target.join(this).join("vl-run"), target.join(other).join("vl-run")];
-        let found = candidates.iter().find(|p| p.is_file()).unwrap_or_else(|| {
-            panic!(
-                "vl-run not found (looked for {candidates:?}); build it first with \
-                 `cargo build{build_flag} -p vl-runtime --bin vl-run`"
-            )
-        });
-        if !found.starts_with(&profile_dir) {
-            eprintln!("note: using {} (this test was built for {})", found.display(), profile_dir.display());
-        }
-        // The binary's own sources (the runtime's tests do not go into it).
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runtime/src");
-        let built_at = std::fs::metadata(found).and_then(|m| m.modified()).unwrap();
-        if let Some(newer) = newest_file(&src).filter(|(t, _)| *t > built_at) {
-            panic!(
-                "{} is older than {}; rebuild it with `cargo build{build_flag} -p vl-runtime --bin vl-run`",
-                found.display(),
-                newer.1.display()
-            );
-        }
-        found.clone()
-    })
-}
-
-/// The most recently modified `.rs` file under `dir`.
-fn newest_file(dir: &Path) -> Option<(std::time::SystemTime, PathBuf)> {
-    let mut newest: Option<(std::time::SystemTime, PathBuf)> = None;
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
-        let path = entry.path();
-        let candidate = if path.is_dir() {
-            newest_file(&path)
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            entry.metadata().and_then(|m| m.modified()).ok().map(|t| (t, path))
-        } else {
-            None
-        };
-        if let Some(c) = candidate.filter(|c| newest.as_ref().is_none_or(|n| c.0 > n.0)) {
-            newest = Some(c);
-        }
-    }
-    newest
+    Path::new(env!("CARGO_BIN_EXE_vl-run"))
 }
 
 fn engine() -> &'static Path {

@@ -1,4 +1,8 @@
 //! `vl-run`: ask a Video-LLaVA engine about a video, an image or pixel values; streams the answer.
+//!
+//! A thin binary over `vl-runtime`'s public API: it parses flags (clap), shows a spinner
+//! (indicatif) and prints; it holds no logic of its own. Its end-to-end tests (`tests/cli.rs`)
+//! live here so that cargo builds the binary they run.
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -82,7 +86,7 @@ enum DeviceArg {
 
 fn print_stats(answer: &Answer) {
     let t = &answer.timings;
-    let rss = vl_runtime::bench::peak_rss_mb().map(|m| format!("{m:.0} MB")).unwrap_or_else(|| "n/a".into());
+    let rss = vl_runtime::memory::peak_rss_mb().map(|m| format!("{m:.0} MB")).unwrap_or_else(|| "n/a".into());
     eprintln!(
         "[stats] preprocess {:.1} ms | vision {:.1} ms | prefill {:.1} ms | time to first token {:.1} ms | \
          {:.2} ms/token ({:.1} tokens/s, {} tokens) | peak RSS {rss}",
@@ -186,7 +190,7 @@ fn ask(
         writeln!(
             out,
             "{}",
-            json!({"answer": answer.text, "token_ids": answer.token_ids, "finish": answer.finish, "timings": answer.timings, "peak_rss_mb": vl_runtime::bench::peak_rss_mb()})
+            json!({"answer": answer.text, "token_ids": answer.token_ids, "finish": answer.finish, "timings": answer.timings, "peak_rss_mb": vl_runtime::memory::peak_rss_mb()})
         )?;
     } else {
         writeln!(out)?;
@@ -205,11 +209,5 @@ fn loading_spinner() -> Arc<indicatif::ProgressBar> {
 
 /// Errors are printed as one chain (`error: what: why`), without a backtrace, and exit with 1.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    vl_runtime::exit::exit_code(run())
 }

@@ -1,0 +1,166 @@
+//! `decoder.onnx`: the LLaMA decoder with an explicit KV cache, built by one layer loop with
+//! the attention of the engine's KV layout.
+//!
+//! - [`standard`]: standard operators only (TensorRT-parsable); the cache is concatenated.
+//! - [`gqa`]: ONNX Runtime's `GroupQueryAttention`; the cache is one buffer written in place.
+//!
+//! Both take `inputs_embeds` [batch, sequence, hidden], `attention_mask` [batch, total] (int64),
+//! `logits_to_keep` [1] (how many last positions get logits) and
+//! `past_key_values.{i}.key|value` [batch, kv_heads, len, head_dim], and return `logits`
+//! [batch, logits_to_keep, vocab] and `present.{i}.key|value`; the MLP, norms and head are
+//! shared.
+pub mod gqa;
+pub mod standard;
+
+use vl_runtime::manifest::{DType, Dim, KvLayout, TensorSpec};
+
+use super::nn::{LinearOpts, activation, linear, rms_norm, to_act, to_f32};
+use crate::checkpoint::{Activation, Checkpoint, TextConfig, Weights};
+use crate::error::Result;
+use crate::onnx::{GraphBuilder, Numerics, WeightFormat};
+
+/// One attention variant: the inputs it adds, what all layers share, and one layer's attention.
+trait Attention {
+    /// Symbolic length of `past_key_values.*`.
+    fn past_len(&self) -> &'static str;
+    /// Symbolic length of `present.*`.
+    fn present_len(&self) -> &'static str;
+    /// Declares the inputs the variant needs between `attention_mask` and `logits_to_keep`.
+    fn declare_inputs(&mut self, b: &mut GraphBuilder, t: &TextConfig);
+    /// Builds what every layer reads (rotary tables, masks, lengths).
+    fn prepare(&mut self, b: &mut GraphBuilder, t: &TextConfig, embeds: &str, mask: &str) -> Result<()>;
+    /// One layer's self attention on `x`; returns its output and the present key and value.
+    fn layer(
+        &self,
+        b: &mut GraphBuilder,
+        w: &Weights,
+        t: &TextConfig,
+        x: &str,
+        past: (&str, &str),
+    ) -> Result<(String, String, String)>;
+}
+
+pub(super) fn sym(s: &str) -> Dim {
+    Dim::Symbolic(s.into())
+}
+
+pub(super) fn kv_spec(name: String, t: &TextConfig, dtype: DType, len: &str) -> TensorSpec {
+    TensorSpec::new(
+        name,
+        dtype,
+        vec![sym("batch"), Dim::Fixed(t.kv_heads as i64), sym(len), Dim::Fixed(t.head_dim as i64)],
+    )
+}
+
+/// The inverse frequencies of the rotary embedding, computed in f32 as transformers does.
+pub(super) fn inv_freq(t: &TextConfig) -> Vec<f32> {
+    let dim = t.head_dim as f32;
+    (0..t.head_dim / 2)
+        .map(|i| {
+            let exponent = (2 * i) as f32 / dim;
+            let f = 1.0 / (t.rope.theta as f32).powf(exponent);
+            f / t.rope.linear_factor as f32
+        })
+        .collect()
+}
+
+/// The q, k and v projections of one layer.
+fn qkv(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<(String, String, String)> {
+    let (h, hd, nh, kvh, bias) = (t.hidden, t.head_dim, t.heads, t.kv_heads, t.attention_bias);
+    let q = linear(b, &w.pp("q_proj"), x, LinearOpts::new(h, nh * hd, bias))?;
+    let k = linear(b, &w.pp("k_proj"), x, LinearOpts::new(h, kvh * hd, bias))?;
+    let v = linear(b, &w.pp("v_proj"), x, LinearOpts::new(h, kvh * hd, bias))?;
+    Ok((q, k, v))
+}
+
+/// The attention's output projection.
+fn o_proj(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, ctx: &str) -> Result<String> {
+    linear(b, &w.pp("o_proj"), ctx, LinearOpts::new(t.heads * t.head_dim, t.hidden, t.attention_bias))
+}
+
+/// The SiLU-gated MLP.
+fn mlp(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<String> {
+    let (h, m, bias) = (t.hidden, t.intermediate, t.mlp_bias);
+    let gate = linear(b, &w.pp("gate_proj"), x, LinearOpts::new(h, m, bias))?;
+    let up = linear(b, &w.pp("up_proj"), x, LinearOpts::new(h, m, bias))?;
+    let act = activation(b, &gate, Activation::Silu);
+    let prod = b.op("Mul", &[&act, &up], vec![]);
+    b.note_row_scaled(&prod, &w.pp("up_proj").name("weight"));
+    linear(b, &w.pp("down_proj"), &prod, LinearOpts::new(m, h, bias))
+}
+
+/// The output head. Under 4-bit weights it keeps 8 bits, as llama.cpp's 4-bit formats keep
+/// `output.weight` wider: the logits are what every token is chosen from.
+fn lm_head(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<String> {
+    let saved = b.numerics();
+    if let WeightFormat::Blocks { bits: 4, block } = saved.weights {
+        b.set_numerics(Numerics { weights: WeightFormat::Blocks { bits: 8, block }, ..saved });
+    }
+    let logits = linear(b, w, x, LinearOpts::new(t.hidden, t.vocab, false));
+    b.set_numerics(saved);
+    logits
+}
+
+/// Builds the decoder whose KV cache crosses the interface as `layout` says.
+pub fn build(b: &mut GraphBuilder, ck: &Checkpoint, layout: KvLayout) -> Result<()> {
+    match layout {
+        KvLayout::Concat => build_with(b, ck, &mut standard::ConcatAttention::default()),
+        KvLayout::SharedBuffer => {
+            gqa::check_supported(&ck.config.text)?;
+            build_with(b, ck, &mut gqa::GroupQueryAttention::default())
+        }
+    }
+}
+
+fn build_with(b: &mut GraphBuilder, ck: &Checkpoint, attn: &mut dyn Attention) -> Result<()> {
+    let t = &ck.config.text;
+    let kv_dtype = b.numerics().act;
+    let body = ck.weights(&ck.roots.text_body);
+    let embeds = b.input(TensorSpec::new(
+        "inputs_embeds",
+        DType::F32,
+        vec![sym("batch"), sym("sequence"), Dim::Fixed(t.hidden as i64)],
+    ));
+    let mask = b.input(TensorSpec::new("attention_mask", DType::I64, vec![sym("batch"), sym("total_sequence")]));
+    attn.declare_inputs(b, t);
+    let keep = b.input(TensorSpec::new("logits_to_keep", DType::I64, vec![Dim::Fixed(1)]));
+    let mut past = Vec::new();
+    for i in 0..t.layers {
+        let k = b.input(kv_spec(format!("past_key_values.{i}.key"), t, kv_dtype, attn.past_len()));
+        let v = b.input(kv_spec(format!("past_key_values.{i}.value"), t, kv_dtype, attn.past_len()));
+        past.push((k, v));
+    }
+    attn.prepare(b, t, &embeds, &mask)?;
+    let mut x = to_act(b, &embeds);
+    let mut presents = Vec::new();
+    for (i, (pk, pv)) in past.iter().enumerate() {
+        b.set_scope(&format!("layer{i}"));
+        let w = body.pp("layers").pp(i);
+        let normed = rms_norm(b, &w.pp("input_layernorm"), &x, t.hidden, t.rms_eps)?;
+        let (out, k, v) = attn.layer(b, &w.pp("self_attn"), t, &normed, (pk, pv))?;
+        let h = b.op("Add", &[&x, &out], vec![]);
+        let normed = rms_norm(b, &w.pp("post_attention_layernorm"), &h, t.hidden, t.rms_eps)?;
+        let m = mlp(b, &w.pp("mlp"), t, &normed)?;
+        x = b.op("Add", &[&h, &m], vec![]);
+        presents.push((k, v));
+    }
+    b.set_scope("");
+    let normed = rms_norm(b, &body.pp("norm"), &x, t.hidden, t.rms_eps)?;
+    let start = b.op("Neg", &[&keep], vec![]);
+    let end = b.const_i64(&[i64::MAX], &[1]);
+    let axis = b.const_i64(&[1], &[1]);
+    let last = b.op("Slice", &[&normed, &start, &end, &axis], vec![]);
+    b.note_same_channels(&last, &normed);
+    let head = if ck.roots.lm_head.is_empty() { body.pp("embed_tokens") } else { ck.weights(&ck.roots.lm_head) };
+    let logits = lm_head(b, &head, t, &last)?;
+    let logits = to_f32(b, &logits);
+    b.output(
+        &logits,
+        TensorSpec::new("logits", DType::F32, vec![sym("batch"), sym("logits_len"), Dim::Fixed(t.vocab as i64)]),
+    );
+    for (i, (k, v)) in presents.iter().enumerate() {
+        b.output(k, kv_spec(format!("present.{i}.key"), t, kv_dtype, attn.present_len()));
+        b.output(v, kv_spec(format!("present.{i}.value"), t, kv_dtype, attn.present_len()));
+    }
+    Ok(())
+}

@@ -542,7 +542,7 @@ fn scaling_tables(out: &mut String, r: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::schema::Samples;
+    use crate::schema::Samples;
 
     fn run(system: &str, decode: Vec<f64>, prefill: Vec<f64>) -> SystemRun {
         SystemRun {

@@ -135,6 +135,7 @@ pub fn measure_engine(plan: &EnginePlan, log: &dyn Fn(&str)) -> Result<SystemRun
         verify: Verify::Cached,
         // Every answer must run the vision graph: no reuse of features across repetitions.
         feature_cache_entries: 0,
+        ..PipelineOptions::default()
     };
     let t0 = Instant::now();
     let pipeline = Pipeline::load(&plan.engine, options)?;

@@ -80,6 +80,40 @@ pub enum Error {
     /// Decoding or preprocessing a video or image failed.
     #[error(transparent)]
     Video(#[from] crate::video::VideoError),
+    /// The serving engine is at its limits; the request did no work.
+    #[error("the engine is at its limits: {0}; try again later")]
+    Overloaded(Overload),
+    /// A follow-up named a conversation the engine cannot continue.
+    #[error("conversation: {0}")]
+    Conversation(&'static str),
+    /// A decoder call shared with other requests failed.
+    #[error("a decoder step shared with other requests failed: {0}")]
+    SharedStep(std::sync::Arc<Error>),
+    /// The serving engine stopped before the request finished.
+    #[error("the serving engine has stopped")]
+    EngineStopped,
+}
+
+/// Which limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Overload {
+    /// The queue of waiting requests is full.
+    QueueFull {
+        /// Requests waiting.
+        waiting: usize,
+    },
+    /// No sequence slot or KV budget is free now and the engine refuses instead of queueing.
+    NoRoom,
+}
+
+impl std::fmt::Display for Overload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Overload::QueueFull { waiting } => write!(f, "{waiting} requests are waiting"),
+            Overload::NoRoom => write!(f, "no sequence slot or KV memory is free"),
+        }
+    }
 }
 
 /// Result with the runtime's [`Error`].

@@ -132,7 +132,7 @@ pub struct LanguageModel<'a> {
 }
 
 impl LanguageModel<'_> {
-    fn embed(&self, ids: &[u32]) -> Result<Array3<f32>> {
+    pub(crate) fn embed(&self, ids: &[u32]) -> Result<Array3<f32>> {
         let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
         let input = TensorRef::from_array_view(([1usize, ids.len()], ids.as_slice()))?;
         let mut session = self.embed.lock();
@@ -204,7 +204,7 @@ impl LanguageModel<'_> {
     }
 }
 
-fn splice_features(embeds: &mut Array3<f32>, ids: &[u32], s: &Splice<'_>) -> Result<()> {
+pub(crate) fn splice_features(embeds: &mut Array3<f32>, ids: &[u32], s: &Splice<'_>) -> Result<()> {
     let slots: Vec<usize> = ids.iter().enumerate().filter(|(_, t)| **t == s.token).map(|(i, _)| i).collect();
     if slots.len() != s.features.nrows() || embeds.shape()[2] != s.features.ncols() {
         return Err(Error::Request(format!(
@@ -221,93 +221,119 @@ fn splice_features(embeds: &mut Array3<f32>, ids: &[u32], s: &Splice<'_>) -> Res
     Ok(())
 }
 
-/// Streams an answer: prefill with `prompt`, then sample until a stop condition.
-pub struct Generation<'a> {
-    /// The graphs.
-    pub lm: LanguageModel<'a>,
-    /// For detokenizing.
-    pub tokenizer: &'a Tokenizer,
-    /// End of sequence.
-    pub eos: u32,
+/// What to do after a sampled token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Feed this token to the model and sample again.
+    Feed(u32),
+    /// The answer is complete.
+    Finished(FinishReason),
 }
 
-/// The state a conversation keeps between answers.
-pub struct Turn<'a> {
-    /// Cache of everything fed so far.
-    pub kv: &'a mut KvCache,
-    /// All ids fed so far plus the new prompt (repetition penalty sees them).
-    pub history: &'a mut Vec<u32>,
+/// The sampling loop of one answer, one token at a time: sampling, stop strings, incremental
+/// detokenization and the answer being built. The caller runs the model between tokens.
+pub struct Decoding {
+    sampler: Sampler,
+    stops: StopMatcher,
+    stream: StreamDecoder,
+    text: String,
+    ids: Vec<u32>,
+    max_new_tokens: usize,
+    ignore_eos: bool,
+    eos: u32,
+    started: Instant,
+    /// Where the time went (the caller adds the model's share).
+    pub timings: Timings,
 }
 
-impl Generation<'_> {
-    /// Generates after feeding `prompt` (appended to `turn.history`). Returns the answer and the
-    /// last sampled token if it was not fed to the model (the next turn must feed it first).
-    pub fn run(
-        &self,
-        turn: Turn<'_>,
-        prompt: &[u32],
-        splice: Option<&Splice<'_>>,
-        opts: &GenerateOptions,
-        started: Instant,
-        on_token: &mut dyn FnMut(TokenEvent<'_>) -> Flow,
-    ) -> Result<(Answer, Option<u32>)> {
-        let mut sampler = Sampler::new(opts.sampling)?;
-        let mut stops = StopMatcher::new(opts.stop.iter().cloned())?;
-        let mut stream = StreamDecoder::new();
-        let mut timings = Timings::default();
-        let t0 = Instant::now();
-        turn.kv.reserve(turn.kv.len() + prompt.len() + opts.max_new_tokens);
-        let mut logits = self.lm.forward(turn.kv, prompt, splice)?;
-        timings.prefill_ms = ms(t0.elapsed());
-        turn.history.extend_from_slice(prompt);
-        let (mut text, mut ids) = (String::new(), Vec::new());
-        let finish = loop {
-            let id = sampler.sample(&mut logits, turn.history);
-            if ids.is_empty() {
-                timings.time_to_first_token_ms = ms(started.elapsed());
-            }
-            if id == self.eos && !opts.ignore_eos {
-                break FinishReason::Eos;
-            }
-            ids.push(id);
-            let piece = stream.push(self.tokenizer, id)?.unwrap_or_default();
-            let (chunk, stopped) = match stops.push(&piece) {
-                StopChunk::Text(t) => (t, false),
-                StopChunk::Stopped(t) => (t, true),
-            };
-            text.push_str(&chunk);
-            let flow = on_token(TokenEvent { id: Some(id), text: &chunk });
-            if stopped {
-                break FinishReason::StopString;
-            }
-            if ids.len() >= opts.max_new_tokens {
-                break FinishReason::MaxTokens;
-            }
-            if flow == Flow::Stop {
-                break FinishReason::Cancelled;
-            }
-            let t = Instant::now();
-            logits = self.lm.forward(turn.kv, &[id], None)?;
-            turn.history.push(id);
-            timings.decode_ms += ms(t.elapsed());
-            timings.decode_steps += 1;
+impl Decoding {
+    /// Checks `opts` (an error here means no work was done) and starts an answer whose request
+    /// began at `started`.
+    pub fn new(opts: &GenerateOptions, eos: u32, started: Instant) -> Result<Self> {
+        Ok(Self {
+            sampler: Sampler::new(opts.sampling)?,
+            stops: StopMatcher::new(opts.stop.iter().cloned())?,
+            stream: StreamDecoder::new(),
+            text: String::new(),
+            ids: Vec::new(),
+            max_new_tokens: opts.max_new_tokens,
+            ignore_eos: opts.ignore_eos,
+            eos,
+            started,
+            timings: Timings::default(),
+        })
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Samples the next token from `logits` (`history`: every id fed so far, for the repetition
+    /// penalty) and streams its text to `emit`. `emit`'s answer ends the answer after this token.
+    pub fn step(
+        &mut self,
+        tokenizer: &Tokenizer,
+        logits: &mut [f32],
+        history: &[u32],
+        emit: &mut dyn FnMut(TokenEvent<'_>) -> Flow,
+    ) -> Result<Next> {
+        let id = self.sampler.sample(logits, history);
+        if self.ids.is_empty() {
+            self.timings.time_to_first_token_ms = ms(self.started.elapsed());
+        }
+        if id == self.eos && !self.ignore_eos {
+            return Ok(Next::Finished(FinishReason::Eos));
+        }
+        self.ids.push(id);
+        let piece = self.stream.push(tokenizer, id)?.unwrap_or_default();
+        let (chunk, stopped) = match self.stops.push(&piece) {
+            StopChunk::Text(t) => (t, false),
+            StopChunk::Stopped(t) => (t, true),
         };
+        self.text.push_str(&chunk);
+        let flow = emit(TokenEvent { id: Some(id), text: &chunk });
+        Ok(if stopped {
+            Next::Finished(FinishReason::StopString)
+        } else if self.ids.len() >= self.max_new_tokens {
+            Next::Finished(FinishReason::MaxTokens)
+        } else if flow == Flow::Stop {
+            Next::Finished(FinishReason::Cancelled)
+        } else {
+            Next::Feed(id)
+        })
+    }
+
+    /// Ends the answer: flushes held-back text to `emit` and returns the answer with the last
+    /// generated token if the model has not been fed it (the next turn must feed it first).
+    pub fn finish(
+        &mut self,
+        tokenizer: &Tokenizer,
+        finish: FinishReason,
+        emit: &mut dyn FnMut(TokenEvent<'_>) -> Flow,
+    ) -> Result<(Answer, Option<u32>)> {
         if finish != FinishReason::StopString {
-            let tail = stream.finish(self.tokenizer)?.unwrap_or_default();
-            let (chunk, _) = match stops.push(&tail) {
-                StopChunk::Text(t) => (t + &stops.finish(), false),
-                StopChunk::Stopped(t) => (t, true),
+            let tail = self.stream.finish(tokenizer)?.unwrap_or_default();
+            let chunk = match self.stops.push(&tail) {
+                StopChunk::Text(t) => t + &self.stops.finish(),
+                StopChunk::Stopped(t) => t,
             };
             if !chunk.is_empty() {
-                text.push_str(&chunk);
-                on_token(TokenEvent { id: None, text: &chunk });
+                self.text.push_str(&chunk);
+                emit(TokenEvent { id: None, text: &chunk });
             }
         }
         let unfed = match finish {
             FinishReason::Eos => None,
-            _ => ids.last().copied(),
+            _ => self.ids.last().copied(),
         };
-        Ok((Answer { text, token_ids: ids, finish, timings }, unfed))
+        let answer = Answer {
+            text: std::mem::take(&mut self.text),
+            token_ids: std::mem::take(&mut self.ids),
+            finish,
+            timings: std::mem::take(&mut self.timings),
+        };
+        Ok((answer, unfed))
     }
 }
 

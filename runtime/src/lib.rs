@@ -19,6 +19,7 @@
 //! ```
 #![warn(clippy::unwrap_used)]
 
+pub mod engine;
 pub mod error;
 pub mod exit;
 pub mod generate;
@@ -26,6 +27,7 @@ pub mod graph;
 pub mod kv_cache;
 pub mod manifest;
 pub mod memory;
+pub mod model;
 pub mod ort_env;
 pub mod pipeline;
 pub mod preprocess;
@@ -35,6 +37,7 @@ pub mod stream;
 pub mod verify;
 pub mod video;
 
+pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
 pub use generate::{Answer, FinishReason, Flow, GenerateOptions, Timings, TokenEvent};
 pub use graph::SessionOptions;

@@ -1,27 +1,18 @@
-//! The public entry point: load an engine once, then answer many requests, concurrently.
-use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+//! The simple entry point: load an engine once, then converse; concurrent conversations are
+//! batched by the serving engine underneath.
+use std::path::Path;
+use std::sync::Arc;
 
-use ndarray::{Array2, Array4, Array5};
-use ort::value::TensorRef;
-use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
+use crate::engine::{ConversationId, Engine, EngineOptions, FollowUp, Pace, Request};
 use crate::error::{Error, Result};
-use crate::generate::{
-    Answer, Flow, GenerateOptions, Generation, LanguageModel, Splice, TokenEvent, Turn, features_2d, ms,
-};
-use crate::graph::{Graph, SessionOptions};
-use crate::kv_cache::{self, KvCache};
-use crate::manifest::{FrameSamplingRule, Manifest};
-use crate::preprocess::load_pixel_values_npy;
-use crate::prompt::{PromptBuilder, VisualSlot};
-use crate::sampling::Sampler;
-use crate::stream::StopMatcher;
-use crate::verify::{Verify, verify_engine};
-use crate::video::{FrameSampling, load_image, load_video};
+use crate::generate::{Answer, Flow, GenerateOptions, LanguageModel, TokenEvent};
+use crate::graph::SessionOptions;
+use crate::manifest::Manifest;
+pub use crate::model::{Media, Visual};
+use crate::model::{Model, ModelOptions};
+use crate::verify::Verify;
 
 /// How to load an engine.
 #[derive(Debug, Clone)]
@@ -32,353 +23,129 @@ pub struct PipelineOptions {
     pub verify: Verify,
     /// Visual features kept for reuse (by content), across conversations.
     pub feature_cache_entries: usize,
+    /// Batching, limits and KV memory of the serving engine.
+    pub engine: EngineOptions,
 }
 
 impl Default for PipelineOptions {
     fn default() -> Self {
-        Self { session: SessionOptions::default(), verify: Verify::Cached, feature_cache_entries: 8 }
+        let m = ModelOptions::default();
+        Self {
+            session: m.session,
+            verify: m.verify,
+            feature_cache_entries: m.feature_cache_entries,
+            engine: EngineOptions::default(),
+        }
     }
 }
 
-/// What a conversation is about.
-#[derive(Debug, Clone)]
-pub enum Media {
-    /// A video file, decoded and sampled per the manifest.
-    VideoFile(PathBuf),
-    /// An image file.
-    ImageFile(PathBuf),
-    /// Preprocessed video pixels `[1, frames, 3, H, W]`.
-    VideoPixels(Arc<Array5<f32>>),
-    /// Preprocessed image pixels `[1, 3, H, W]`.
-    ImagePixels(Arc<Array4<f32>>),
-    /// A `.npy` of video pixel values (`[F, 3, H, W]` or `[1, F, 3, H, W]`).
-    PixelValuesFile(PathBuf),
-    /// No visual input.
-    Text,
-}
-
-/// Visual features ready to splice, with how they were obtained.
-#[derive(Debug, Clone)]
-pub struct Visual {
-    /// `[tokens, hidden]`.
-    pub features: Arc<Array2<f32>>,
-    /// Whether the features are a video's (else an image's).
-    pub is_video: bool,
-    /// Decode + preprocessing time.
-    pub preprocess_ms: f64,
-    /// Vision graph time (0 when cached).
-    pub vision_ms: f64,
-}
-
-type FeatureCache = Mutex<VecDeque<([u8; 32], Arc<Array2<f32>>)>>;
-
-/// A loaded engine. `Send + Sync`: share it (e.g. in an `Arc`) across request threads.
+/// A loaded engine. `Send + Sync`: share it (e.g. in an `Arc`) across request threads; their
+/// conversations decode together in batched steps.
 pub struct Pipeline {
-    dir: PathBuf,
-    manifest: Manifest,
-    tokenizer: Tokenizer,
-    options: PipelineOptions,
-    vision: Graph,
-    image: OnceLock<Graph>,
-    embed: Graph,
-    decoder: Graph,
-    mask_ones: Vec<i64>,
-    cache: FeatureCache,
+    engine: Engine,
 }
 
 impl Pipeline {
     /// Loads the engine in `dir`: manifest, file checks, tokenizer, sessions (checked against
-    /// the manifest). The image graph is loaded on first use.
+    /// the manifest), and starts the serving engine.
     pub fn load(dir: impl AsRef<Path>, options: PipelineOptions) -> Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
-        let manifest = Manifest::load(&dir)?;
-        verify_engine(&dir, &manifest, options.verify)?;
-        let tok_path = dir.join(&manifest.tokenizer);
-        let tokenizer =
-            Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
-        let g = &manifest.graphs;
-        let vision = Graph::load(&dir, "vision", &g.vision, &options.session)?;
-        let embed = Graph::load(&dir, "embed", &g.embed, &options.session)?;
-        let decoder = Graph::load(&dir, "decoder", &g.decoder, &options.session)?;
-        // The KV cache mode (concatenated or shared buffers) comes from the manifest; its
-        // interface is checked here, once the graph has been checked against the manifest.
-        kv_cache::check_decoder(&dir, &manifest)?;
-        let mask_ones = vec![1i64; manifest.max_sequence_length];
-        Ok(Self {
-            dir,
-            manifest,
-            tokenizer,
-            options,
-            vision,
-            image: OnceLock::new(),
-            embed,
-            decoder,
-            mask_ones,
-            cache: Mutex::new(VecDeque::new()),
-        })
+        let model = ModelOptions {
+            session: options.session,
+            verify: options.verify,
+            feature_cache_entries: options.feature_cache_entries,
+        };
+        let model = Arc::new(Model::load(dir, model)?);
+        Ok(Self { engine: Engine::start(model, options.engine)? })
     }
 
     /// The engine's manifest.
     pub fn manifest(&self) -> &Manifest {
-        &self.manifest
+        self.engine.model().manifest()
     }
 
     /// The engine's tokenizer.
     pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
+        self.engine.model().tokenizer()
+    }
+
+    /// The serving engine (submit requests, watch its statistics).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// Starts a conversation about `media`. Nothing runs until the first question.
     pub fn conversation(&self, media: Media) -> Result<Conversation<'_>> {
-        Ok(Conversation {
-            pipeline: self,
-            media: Some(media),
-            visual: None,
-            kv: KvCache::new(&self.manifest.model)?,
-            history: Vec::new(),
-            unfed: None,
-            broken: false,
-        })
-    }
-
-    fn image_graph(&self) -> Result<&Graph> {
-        if let Some(g) = self.image.get() {
-            return Ok(g);
-        }
-        let g = Graph::load(&self.dir, "image", &self.manifest.graphs.image, &self.options.session)?;
-        Ok(self.image.get_or_init(|| g))
-    }
-
-    fn cached(&self, key: &[u8; 32]) -> Option<Arc<Array2<f32>>> {
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let pos = cache.iter().position(|(k, _)| k == key)?;
-        let entry = cache.remove(pos)?;
-        let features = entry.1.clone();
-        cache.push_front(entry);
-        Some(features)
-    }
-
-    fn remember(&self, key: [u8; 32], features: Arc<Array2<f32>>) {
-        if self.options.feature_cache_entries == 0 {
-            return;
-        }
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.retain(|(k, _)| *k != key);
-        cache.push_front((key, features));
-        cache.truncate(self.options.feature_cache_entries);
-    }
-
-    /// Number of visual tokens `media` will take, known before anything is decoded.
-    fn slot(&self, media: &Media) -> VisualSlot {
-        let m = &self.manifest.model;
-        match media {
-            Media::VideoFile(_) | Media::PixelValuesFile(_) => {
-                VisualSlot::Video { tokens: self.manifest.preprocess.frames * m.tokens_per_frame }
-            }
-            Media::VideoPixels(px) => VisualSlot::Video { tokens: px.shape()[1] * m.tokens_per_frame },
-            Media::ImageFile(_) | Media::ImagePixels(_) => VisualSlot::Image { tokens: m.tokens_per_image },
-            Media::Text => VisualSlot::None,
-        }
+        Ok(Conversation { pipeline: self, media: Some(media), id: None, context_len: 0 })
     }
 
     /// Decodes, preprocesses and runs the vision graph for `media` (or takes cached features).
     pub fn visual(&self, media: &Media) -> Result<Option<Visual>> {
-        let t0 = Instant::now();
-        let pre = &self.manifest.preprocess;
-        let (pixels, is_video): (PixelTensor, bool) = match media {
-            Media::Text => return Ok(None),
-            Media::VideoFile(path) => {
-                let sampling = match pre.sampling {
-                    FrameSamplingRule::LinspaceTruncate => FrameSampling::Uniform,
-                };
-                let video = load_video(path, sampling, pre.frames)?;
-                (PixelTensor::Video(Arc::new(pre.recipe.video(&video.frames, &pre.image)?)), true)
-            }
-            Media::PixelValuesFile(path) => (PixelTensor::Video(Arc::new(load_pixel_values_npy(path)?)), true),
-            Media::VideoPixels(px) => (PixelTensor::Video(px.clone()), true),
-            Media::ImageFile(path) => {
-                (PixelTensor::Image(Arc::new(pre.recipe.image(&load_image(path)?, &pre.image)?)), false)
-            }
-            Media::ImagePixels(px) => (PixelTensor::Image(px.clone()), false),
-        };
-        let preprocess_ms = ms(t0.elapsed());
-        self.check_pixels(&pixels)?;
-        let key = pixels.key();
-        if let Some(features) = self.cached(&key) {
-            return Ok(Some(Visual { features, is_video, preprocess_ms, vision_ms: 0.0 }));
-        }
-        let t1 = Instant::now();
-        let features = Arc::new(self.run_vision(&pixels)?);
-        let vision_ms = ms(t1.elapsed());
-        self.remember(key, features.clone());
-        Ok(Some(Visual { features, is_video, preprocess_ms, vision_ms }))
-    }
-
-    fn check_pixels(&self, pixels: &PixelTensor) -> Result<()> {
-        let side = self.manifest.model.image_size;
-        let shape = pixels.shape();
-        let ok = match pixels {
-            PixelTensor::Video(_) => shape.len() == 5 && shape[0] == 1 && shape[1] > 0 && shape[2..] == [3, side, side],
-            PixelTensor::Image(_) => shape.len() == 4 && shape[0] == 1 && shape[1..] == [3, side, side],
-        };
-        if !ok {
-            return Err(Error::Request(format!("pixel values of shape {shape:?} do not fit {side}x{side} frames")));
-        }
-        Ok(())
-    }
-
-    fn run_vision(&self, pixels: &PixelTensor) -> Result<Array2<f32>> {
-        match pixels {
-            PixelTensor::Video(px) => {
-                let mut s = self.vision.lock();
-                let out = s.run(ort::inputs!["pixel_values_videos" => TensorRef::from_array_view(px.view())?])?;
-                features_2d(&out["video_features"].try_extract_array::<f32>()?)
-            }
-            PixelTensor::Image(px) => {
-                let mut s = self.image_graph()?.lock();
-                let out = s.run(ort::inputs!["pixel_values" => TensorRef::from_array_view(px.view())?])?;
-                features_2d(&out["image_features"].try_extract_array::<f32>()?)
-            }
-        }
+        self.engine.model().visual(media)
     }
 
     /// The embedding and decoder graphs, for callers that drive the decoder themselves
     /// (evaluation, benchmarks).
     pub fn language_model(&self) -> LanguageModel<'_> {
-        LanguageModel {
-            embed: &self.embed,
-            decoder: &self.decoder,
-            mask_ones: &self.mask_ones,
-            vocab: self.manifest.model.vocab_size,
-        }
-    }
-
-    fn check_fits(&self, needed: usize, max_new: usize) -> Result<()> {
-        let limit = self.manifest.max_sequence_length;
-        if needed + max_new > limit {
-            return Err(Error::ContextOverflow { needed: needed + max_new, max_new, limit });
-        }
-        Ok(())
+        self.engine.model().language_model()
     }
 }
 
-enum PixelTensor {
-    Video(Arc<Array5<f32>>),
-    Image(Arc<Array4<f32>>),
-}
-
-impl PixelTensor {
-    fn shape(&self) -> &[usize] {
-        match self {
-            PixelTensor::Video(a) => a.shape(),
-            PixelTensor::Image(a) => a.shape(),
-        }
-    }
-
-    /// The cache key: a hash of the pixel values (so the same content hits the cache whatever
-    /// file name or container it came in).
-    fn key(&self) -> [u8; 32] {
-        let mut h = Sha256::new();
-        h.update([matches!(self, PixelTensor::Video(_)) as u8]);
-        for d in self.shape() {
-            h.update((*d as u64).to_le_bytes());
-        }
-        let mut feed = |v: &[f32]| h.update(bytemuck_f32(v));
-        match self {
-            PixelTensor::Video(a) => match a.as_slice() {
-                Some(s) => feed(s),
-                None => a.iter().for_each(|x| feed(std::slice::from_ref(x))),
-            },
-            PixelTensor::Image(a) => match a.as_slice() {
-                Some(s) => feed(s),
-                None => a.iter().for_each(|x| feed(std::slice::from_ref(x))),
-            },
-        }
-        h.finalize().into()
-    }
-}
-
-fn bytemuck_f32(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-/// One conversation: owns its KV cache; follow-up questions reuse it.
+/// One conversation: the engine keeps its KV cache between questions.
 pub struct Conversation<'p> {
     pipeline: &'p Pipeline,
+    /// Kept until the first answer succeeds, so a failed first question can be asked again.
     media: Option<Media>,
-    visual: Option<Visual>,
-    kv: KvCache,
-    history: Vec<u32>,
-    unfed: Option<u32>,
-    /// Set when a follow-up failed after feeding the decoder: the cache no longer matches the
-    /// history, so further questions are refused.
-    broken: bool,
+    id: Option<ConversationId>,
+    context_len: usize,
 }
 
 impl Conversation<'_> {
-    /// Asks `question`, streaming tokens to `on_token` as they are made.
+    /// Asks `question`, streaming tokens to `on_token` as they are made; [`Flow::Stop`] ends
+    /// the answer after that token.
     pub fn ask(
         &mut self,
         question: &str,
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(TokenEvent<'_>) -> Flow,
     ) -> Result<Answer> {
-        let started = Instant::now();
-        let p = self.pipeline;
-        let m = &p.manifest;
-        if self.broken {
-            return Err(Error::Request("an earlier answer of this conversation failed midway; start a new one".into()));
-        }
-        // Invalid options are errors before any work (the same checks `Generation::run` makes).
-        Sampler::new(opts.sampling)?;
-        StopMatcher::new(opts.stop.iter().cloned())?;
-        let builder = PromptBuilder::new(&p.tokenizer, &m.chat_template, &m.tokens);
-        let first = self.media.is_some();
-        let prompt = match &self.media {
-            Some(media) => builder.first_turn(p.slot(media), question)?,
-            None => {
-                let mut ids: Vec<u32> = self.unfed.into_iter().collect();
-                ids.extend(builder.next_turn(question)?);
-                ids
-            }
+        let engine = &self.pipeline.engine;
+        let handle = match (&self.media, self.id) {
+            (Some(media), _) => engine.submit(Request {
+                media: media.clone(),
+                question: question.to_string(),
+                options: opts.clone(),
+                keep: true,
+                pace: Pace::Lockstep,
+                logits: false,
+            })?,
+            (None, Some(conversation)) => engine.follow_up(FollowUp {
+                conversation,
+                question: question.to_string(),
+                options: opts.clone(),
+                pace: Pace::Lockstep,
+                logits: false,
+            })?,
+            (None, None) => return Err(Error::Conversation("this conversation has no media and no history")),
         };
-        p.check_fits(self.kv.len() + prompt.len(), opts.max_new_tokens)?;
-        // The media is kept until the first answer succeeds, so a failed first question can be
-        // asked again (it would otherwise continue as a follow-up without the video).
-        if let Some(media) = &self.media {
-            self.visual = p.visual(media)?;
+        let done = handle.wait(on_token)?;
+        if done.conversation.is_some() {
+            self.id = done.conversation;
+            self.media = None;
         }
-        let token = if self.visual.as_ref().is_some_and(|v| v.is_video) { m.tokens.video } else { m.tokens.image };
-        let splice = match (&self.visual, first) {
-            (Some(v), true) => Some(Splice { token, features: v.features.view() }),
-            _ => None,
-        };
-        let generation = Generation { lm: p.language_model(), tokenizer: &p.tokenizer, eos: m.tokens.eos };
-        let fed = self.kv.len();
-        let turn = Turn { kv: &mut self.kv, history: &mut self.history };
-        let (mut answer, unfed) = match generation.run(turn, &prompt, splice.as_ref(), opts, started, on_token) {
-            Ok(done) => done,
-            Err(e) => {
-                if first {
-                    self.kv = KvCache::new(&m.model)?;
-                    self.history.clear();
-                } else if self.kv.len() != fed {
-                    self.broken = true;
-                }
-                return Err(e);
-            }
-        };
-        self.media = None;
-        if let (Some(v), true) = (&self.visual, first) {
-            answer.timings.preprocess_ms = v.preprocess_ms;
-            answer.timings.vision_ms = v.vision_ms;
-        }
-        self.unfed = unfed;
-        Ok(answer)
+        self.context_len = done.context_len;
+        Ok(done.answer)
     }
 
     /// Positions held in the KV cache.
     pub fn context_len(&self) -> usize {
-        self.kv.len()
+        self.context_len
+    }
+}
+
+impl Drop for Conversation<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.pipeline.engine.close(id);
+        }
     }
 }

@@ -14,7 +14,7 @@ pub fn answer(engine: &Path, video: &Path, question: &str, sink: &mut dyn FnMut(
     let pipeline = Pipeline::load(engine, PipelineOptions::default())?;
     let mut chat = pipeline.conversation(Media::VideoFile(video.to_path_buf()))?;
     let answer = chat.ask(question, &GenerateOptions::default(), &mut |t| {
-        sink(&t.text);
+        sink(t.text);
         Flow::Continue
     })?;
     Ok(answer.text)

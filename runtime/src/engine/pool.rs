@@ -1,0 +1,236 @@
+//! KV slots for the in-place decoder (`GroupQueryAttention`, target `onnxruntime`).
+//!
+//! Per layer and key/value, one anonymous memory mapping `[slots, kv_heads, positions,
+//! head_dim]`, where `positions` is the longest context plus one spare position. A decode call
+//! binds a run of consecutive slots as the batch (rows `first..first + rows`), a prefill chunk
+//! binds one slot (ONNX Runtime's CPU `GroupQueryAttention` takes more than one new position
+//! per row only at batch 1). Past and present are bound to the same memory, so the operator
+//! writes only the new positions and no step copies the cache.
+//!
+//! Pages are committed by the kernel when first written, so resident memory follows the
+//! positions in use; a freed slot's pages are handed back ([`SlotPool::release`]). The spare
+//! position exists for rows that ride along in a decode call without decoding (see
+//! [`DecodeRow::Idle`]): their write lands one past what they hold and is overwritten before it
+//! is ever read.
+use std::ffi::CString;
+
+use memmap2::{MmapMut, UncheckedAdvice};
+use ort::AsPointer;
+use ort::memory::MemoryInfo;
+use ort::session::{IoBinding, Session};
+use ort::value::{DynValue, DynValueRefMut, Shape, Tensor, TensorElementType, TensorRefMut};
+
+use crate::error::{Error, Result};
+use crate::manifest::{DType, ModelDims};
+
+/// One row of a decode call.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum DecodeRow {
+    /// A sequence decoding one token: its embedding row is fed at position `held`.
+    Decode { held: usize },
+    /// A slot inside the run that does not decode now; it is fed a zero embedding at `held`
+    /// (the spare position at most), whose output is discarded.
+    Idle { held: usize },
+}
+
+impl DecodeRow {
+    fn held(self) -> usize {
+        match self {
+            DecodeRow::Decode { held } | DecodeRow::Idle { held } => held,
+        }
+    }
+}
+
+/// The preallocated KV memory of all slots.
+pub(crate) struct SlotPool {
+    /// `[key_0, value_0, key_1, ...]`.
+    maps: Vec<MmapMut>,
+    /// `(past_key_values.*, present.*)` names, in the order of `maps`.
+    names: Vec<(String, String)>,
+    dtype: TensorElementType,
+    kv_heads: usize,
+    head_dim: usize,
+    /// Positions per slot and head: the context plus the spare.
+    positions: usize,
+    slots: usize,
+    elem_bytes: usize,
+}
+
+/// Bytes one position of one sequence takes in the cache, all layers.
+pub(crate) fn bytes_per_position(dims: &ModelDims) -> u64 {
+    let elem = match dims.kv_dtype {
+        DType::F16 => 2,
+        _ => 4,
+    };
+    (2 * dims.num_layers * dims.num_kv_heads * dims.head_dim * elem) as u64
+}
+
+impl SlotPool {
+    /// Maps `slots` slots of `context` positions (plus the spare) for a model of `dims`.
+    pub(crate) fn new(dims: &ModelDims, slots: usize, context: usize) -> Result<Self> {
+        let (dtype, elem_bytes) = match dims.kv_dtype {
+            DType::F32 => (TensorElementType::Float32, 4),
+            DType::F16 => (TensorElementType::Float16, 2),
+            DType::I64 => return Err(Error::Request("the manifest gives the KV cache an integer type".into())),
+        };
+        let positions = context + 1;
+        let bytes = slots * dims.num_kv_heads * positions * dims.head_dim * elem_bytes;
+        let mut maps = Vec::with_capacity(2 * dims.num_layers);
+        let mut names = Vec::with_capacity(2 * dims.num_layers);
+        for layer in 0..dims.num_layers {
+            for part in ["key", "value"] {
+                let map = MmapMut::map_anon(bytes.max(1)).map_err(|e| {
+                    Error::Request(format!("could not map {bytes} bytes of KV cache for {slots} slots: {e}"))
+                })?;
+                maps.push(map);
+                names.push((format!("past_key_values.{layer}.{part}"), format!("present.{layer}.{part}")));
+            }
+        }
+        Ok(Self {
+            maps,
+            names,
+            dtype,
+            kv_heads: dims.num_kv_heads,
+            head_dim: dims.head_dim,
+            positions,
+            slots,
+            elem_bytes,
+        })
+    }
+
+    fn slot_bytes(&self) -> usize {
+        self.kv_heads * self.positions * self.head_dim * self.elem_bytes
+    }
+
+    /// Hands a freed slot's pages back to the kernel (its contents become zeros).
+    pub(crate) fn release(&mut self, slot: usize) {
+        let (size, page) = (self.slot_bytes(), 4096);
+        let start = (slot * size).next_multiple_of(page);
+        let end = ((slot + 1) * size) / page * page;
+        if end > start {
+            for map in &self.maps {
+                // SAFETY: no reference into the mapping outlives a decoder call, and none is
+                // running (the scheduler thread owns the pool); the pages only become zeros.
+                // An error here only means the memory stays resident.
+                let _ = unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+            }
+        }
+    }
+
+    /// Runs one decode call over slots `first..first + rows.len()`: `embeds` is
+    /// `[rows, 1, hidden]` (zeros for idle rows). Returns the logits `[rows, vocab]`.
+    pub(crate) fn decode(
+        &mut self,
+        session: &mut Session,
+        first: usize,
+        rows: &[DecodeRow],
+        embeds: Tensor<f32>,
+    ) -> Result<Vec<f32>> {
+        let width = rows.iter().map(|r| r.held() + 1).max().unwrap_or(1);
+        let mut mask = vec![0i64; rows.len() * width];
+        for (r, row) in rows.iter().enumerate() {
+            mask[r * width..r * width + row.held() + 1].fill(1);
+        }
+        let mask = Tensor::from_array(([rows.len(), width], mask))?;
+        self.run(session, first, rows.len(), embeds, mask)
+    }
+
+    /// Runs one prefill chunk of slot `slot`, which holds `held` positions: `embeds` is
+    /// `[1, chunk, hidden]`. Returns the last position's logits.
+    pub(crate) fn prefill(
+        &mut self,
+        session: &mut Session,
+        slot: usize,
+        held: usize,
+        embeds: Tensor<f32>,
+    ) -> Result<Vec<f32>> {
+        let total = held + embeds.shape()[1] as usize;
+        let mask = Tensor::from_array(([1usize, total], vec![1i64; total]))?;
+        self.run(session, slot, 1, embeds, mask)
+    }
+
+    fn run(
+        &mut self,
+        session: &mut Session,
+        first: usize,
+        rows: usize,
+        embeds: Tensor<f32>,
+        mask: Tensor<i64>,
+    ) -> Result<Vec<f32>> {
+        let written = mask.shape()[1] as usize;
+        if first + rows > self.slots || written > self.positions {
+            return Err(Error::Request(format!(
+                "KV rows {first}..{} of {} slots, {written} positions of {}",
+                first + rows,
+                self.slots,
+                self.positions
+            )));
+        }
+        let mut binding = session.create_binding()?;
+        let offset = first * self.slot_bytes();
+        let shape = [rows as i64, self.kv_heads as i64, self.positions as i64, self.head_dim as i64];
+        // Views of the mapped memory; they live until the run is over.
+        let mut views = Vec::with_capacity(2 * self.maps.len());
+        for (map, (input, output)) in self.maps.iter_mut().zip(&self.names) {
+            // SAFETY: the range [offset, offset + rows * slot_bytes) lies inside the mapping
+            // (checked above), the mapping outlives the views (dropped at the end of this
+            // call), and nothing else reads or writes it during the call.
+            let ptr = unsafe { map.as_mut_ptr().add(offset) }.cast();
+            let past = unsafe { view(self.dtype, ptr, &shape) }?;
+            let present = unsafe { view(self.dtype, ptr, &shape) }?;
+            bind_input_in_place(&mut binding, input, &past)?;
+            binding.bind_output(output.as_str(), present)?;
+            views.push(past);
+        }
+        binding.bind_input("inputs_embeds", &embeds)?;
+        binding.bind_input("attention_mask", &mask)?;
+        let keep = Tensor::<i64>::from_array(([1usize], vec![1]))?;
+        binding.bind_input("logits_to_keep", &keep)?;
+        binding.bind_output_to_device("logits", &MemoryInfo::default())?;
+        let outputs = session.run_binding(&binding)?;
+        let (_, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
+        let logits = logits.to_vec();
+        drop(outputs);
+        drop(binding);
+        drop(views);
+        Ok(logits)
+    }
+}
+
+/// A tensor over `ptr` with `shape`, of the cache's element type.
+///
+/// # Safety
+/// `ptr` must be valid for the shape's bytes for as long as the returned value is used.
+unsafe fn view(
+    dtype: TensorElementType,
+    ptr: *mut std::ffi::c_void,
+    shape: &[i64; 4],
+) -> Result<DynValueRefMut<'static>> {
+    let shape = Shape::new(shape.iter().copied());
+    let info = MemoryInfo::default();
+    Ok(match dtype {
+        TensorElementType::Float16 => unsafe { TensorRefMut::<half::f16>::from_raw(info, ptr, shape) }?.into_dyn(),
+        _ => unsafe { TensorRefMut::<f32>::from_raw(info, ptr, shape) }?.into_dyn(),
+    })
+}
+
+/// Binds `value` as input `name` without the copy `IoBinding::bind_input` makes of values over
+/// borrowed memory: the in-place decoder needs its past input and present output to be the same
+/// memory. The caller keeps `value` alive until the run is over.
+fn bind_input_in_place(binding: &mut IoBinding, name: &str, value: &DynValue) -> Result<()> {
+    let name_c = CString::new(name).map_err(|_| Error::Request(format!("input name {name:?} has a NUL byte")))?;
+    let api = ort::api();
+    // SAFETY: both pointers come from live ort objects; ONNX Runtime copies the name and keeps
+    // a reference to the OrtValue, which the caller keeps alive for the run.
+    let status = unsafe { (api.BindInput)(binding.ptr_mut(), name_c.as_ptr(), value.ptr()) };
+    if status.0.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null status is an OrtStatus we own and release once.
+    let message = unsafe {
+        let text = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)).to_string_lossy().into_owned();
+        (api.ReleaseStatus)(status.0);
+        text
+    };
+    Err(Error::Request(format!("binding {name}: {message}")))
+}

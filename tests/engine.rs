@@ -1,0 +1,344 @@
+//! The serving engine on the tiny fixture engines: batching must not change answers.
+//!
+//! Every sequence decoded in a batch (mixed lengths, joins and leaves mid-stream, cancels,
+//! follow-ups, evicted conversations, small prefill chunks) gives the greedy tokens of the same
+//! request run alone, with logits within 1e-4; both decoders are covered: the in-place
+//! (`GroupQueryAttention`, batched calls) and the standard-ONNX one (a call per sequence).
+//! Admission: a full queue and the reject policy give `Overloaded`, a request that can never
+//! fit is refused before any work, and the KV budget is never exceeded.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use ndarray::Array5;
+use ndarray_npy::read_npy;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use vl_e2e::{built, built_for, fixture_dir, max_abs_diff};
+use vl_runtime::engine::{Done, Engine, EngineOptions, Event, FollowUp, Handle, Pace, Request, WhenFull};
+use vl_runtime::manifest::Target;
+use vl_runtime::model::{Media, Model, ModelOptions};
+use vl_runtime::{Error, FinishReason, GenerateOptions};
+
+const TOLERANCE: f32 = 1e-4;
+
+fn pool_engine() -> &'static Path {
+    &built_for("tiny", Some(Target::OnnxRuntime)).engine
+}
+
+fn concat_engine() -> &'static Path {
+    &built("tiny").engine
+}
+
+fn model(dir: &Path) -> Arc<Model> {
+    Arc::new(Model::load(dir, ModelOptions::default()).unwrap())
+}
+
+fn video() -> Media {
+    static PIXELS: OnceLock<Arc<Array5<f32>>> = OnceLock::new();
+    let px = PIXELS.get_or_init(|| Arc::new(read_npy(fixture_dir("tiny").join("pixel_values_videos.npy")).unwrap()));
+    Media::VideoPixels(px.clone())
+}
+
+fn greedy(max_new_tokens: usize) -> GenerateOptions {
+    GenerateOptions { max_new_tokens, ignore_eos: true, ..GenerateOptions::default() }
+}
+
+/// The `i`-th request of a test: videos and texts, questions of different lengths.
+fn request(i: usize, pace: Pace) -> Request {
+    let questions = [
+        "What happens in this video?",
+        "Describe it.",
+        "What does the horse on the beach do next, and why does it look at the sea?",
+        "Who?",
+        "Tell me everything you see, in order, from the first frame to the last one.",
+    ];
+    let media = if i % 3 == 2 { Media::Text } else { video() };
+    Request {
+        media,
+        question: questions[i % questions.len()].to_string(),
+        options: greedy(6 + (i * 5) % 17),
+        keep: false,
+        pace,
+        logits: true,
+    }
+}
+
+/// What one request produced.
+#[derive(Debug)]
+struct Outcome {
+    tokens: Vec<u32>,
+    logits: Vec<Vec<f32>>,
+    done: Done,
+}
+
+/// Reads a handle to its end (acking every token of a lockstep request).
+fn collect(handle: Handle) -> Outcome {
+    let (mut tokens, mut logits) = (Vec::new(), Vec::new());
+    loop {
+        match handle.recv().expect("the channel closed before Done") {
+            Event::Token { id: Some(id), logits: l, .. } => {
+                tokens.push(id);
+                logits.push(l.expect("logits were asked for"));
+                handle.ack();
+            }
+            Event::Token { id: None, .. } => {}
+            Event::Done(done) => return Outcome { tokens, logits, done },
+            Event::Failed(e) => panic!("request failed: {e}"),
+        }
+    }
+}
+
+fn alone(engine: &Engine, request: Request) -> Outcome {
+    collect(engine.submit(request).unwrap())
+}
+
+fn assert_same(label: &str, got: &Outcome, want: &Outcome) {
+    assert_eq!(got.tokens, want.tokens, "{label}: tokens differ from the request run alone");
+    for (step, (g, w)) in got.logits.iter().zip(&want.logits).enumerate() {
+        let d = max_abs_diff(g, w);
+        assert!(d <= TOLERANCE, "{label}: step {step} logits differ by {d} from the request run alone");
+    }
+}
+
+fn batched_equals_alone(dir: &Path) {
+    let engine = Engine::start(model(dir), EngineOptions::default()).unwrap();
+    let reference: Vec<Outcome> = (0..8).map(|i| alone(&engine, request(i, Pace::Free))).collect();
+    let handles: Vec<Handle> = (0..8).map(|i| engine.submit(request(i, Pace::Free)).unwrap()).collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_same(&format!("request {i}"), &collect(h), &reference[i]);
+    }
+    let stats = engine.stats();
+    if stats.batched {
+        assert!(stats.decode_rows > stats.decode_calls, "no decode call carried more than one sequence: {stats:?}");
+    }
+}
+
+#[test]
+fn batched_sequences_match_each_alone_in_place_decoder() {
+    batched_equals_alone(pool_engine());
+}
+
+#[test]
+fn batched_sequences_match_each_alone_standard_decoder() {
+    batched_equals_alone(concat_engine());
+}
+
+#[test]
+fn small_prefill_chunks_give_the_same_answers() {
+    let whole = Engine::start(model(pool_engine()), EngineOptions::default()).unwrap();
+    let chunked =
+        Engine::start(model(pool_engine()), EngineOptions { prefill_chunk_tokens: 7, ..Default::default() }).unwrap();
+    for i in 0..4 {
+        assert_same(
+            &format!("request {i}"),
+            &alone(&chunked, request(i, Pace::Free)),
+            &alone(&whole, request(i, Pace::Free)),
+        );
+    }
+    assert!(chunked.stats().prefill_tokens > 0);
+}
+
+/// Joins and leaves mid-stream, a cancel, and follow-ups, on a fixed schedule: the driver
+/// acks lockstep requests one token at a time, so the batch changes at known points.
+#[test]
+fn joins_leaves_cancels_and_follow_ups_match_alone() {
+    let engine = Engine::start(model(pool_engine()), EngineOptions::default()).unwrap();
+    let keep = |i| Request { keep: true, ..request(i, Pace::Lockstep) };
+    let reference: Vec<Outcome> = (0..3).map(|i| alone(&engine, keep(i))).collect();
+    let a = engine.submit(keep(0)).unwrap();
+    let mut a_tokens = Vec::new();
+    // A decodes 3 tokens alone, then B joins, then C joins and is cancelled after 2 tokens.
+    let next = |h: &Handle, out: &mut Vec<u32>| loop {
+        match h.recv().unwrap() {
+            Event::Token { id: Some(id), .. } => {
+                out.push(id);
+                break true;
+            }
+            Event::Token { .. } => {}
+            Event::Done(_) => break false,
+            Event::Failed(e) => panic!("{e}"),
+        }
+    };
+    for _ in 0..3 {
+        assert!(next(&a, &mut a_tokens));
+        a.ack();
+    }
+    let b = engine.submit(keep(1)).unwrap();
+    let c = engine.submit(request(2, Pace::Lockstep)).unwrap();
+    let mut c_tokens = Vec::new();
+    for _ in 0..2 {
+        assert!(next(&c, &mut c_tokens));
+        c.ack();
+    }
+    c.cancel();
+    let a_rest = collect(a);
+    let b_out = collect(b);
+    a_tokens.extend(a_rest.tokens);
+    assert_eq!(a_tokens, reference[0].tokens, "A, joined by B and C, differs from A alone");
+    assert_same("B", &b_out, &reference[1]);
+    assert_eq!(c_tokens, reference[2].tokens[..2], "C before its cancel differs from C alone");
+    // Follow-ups of A and B, batched together, equal the same follow-ups of the runs alone.
+    let follow = |h: &Done| FollowUp {
+        conversation: h.conversation.unwrap(),
+        question: "And then?".into(),
+        options: greedy(7),
+        pace: Pace::Free,
+        logits: true,
+    };
+    let a2_ref = collect(engine.follow_up(follow(&reference[0].done)).unwrap());
+    let b2_ref = collect(engine.follow_up(follow(&reference[1].done)).unwrap());
+    let a2 = engine.follow_up(follow(&a_rest.done)).unwrap();
+    let b2 = engine.follow_up(follow(&b_out.done)).unwrap();
+    assert_same("A's follow-up", &collect(a2), &a2_ref);
+    assert_same("B's follow-up", &collect(b2), &b2_ref);
+}
+
+/// Requests arrive, advance and cancel in an order drawn from a fixed seed.
+#[test]
+fn randomized_schedule_matches_alone() {
+    let engine =
+        Engine::start(model(pool_engine()), EngineOptions { max_active: 4, slots: 6, ..Default::default() }).unwrap();
+    let n = 14;
+    let reference: Vec<Outcome> = (0..n).map(|i| alone(&engine, request(i, Pace::Free))).collect();
+    let mut rng = StdRng::seed_from_u64(7);
+    let mut pending: Vec<usize> = (0..n).collect();
+    let mut live: Vec<(usize, Handle, Vec<u32>, bool)> = Vec::new();
+    let mut cancelled = 0;
+    while !pending.is_empty() || !live.is_empty() {
+        if !pending.is_empty() && (live.is_empty() || rng.random_bool(0.3)) {
+            let i = pending.remove(0);
+            live.push((i, engine.submit(request(i, Pace::Lockstep)).unwrap(), Vec::new(), false));
+            continue;
+        }
+        let k = rng.random_range(0..live.len());
+        let (i, h, tokens, asked_cancel) = &mut live[k];
+        if !*asked_cancel && rng.random_bool(0.05) {
+            h.cancel();
+            *asked_cancel = true;
+            cancelled += 1;
+        }
+        // Never block on one request: it may wait for room that only the others' acks free.
+        let Some(event) = h.try_recv() else {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            continue;
+        };
+        match event {
+            Event::Token { id: Some(id), .. } => {
+                tokens.push(id);
+                h.ack();
+            }
+            Event::Token { .. } => {}
+            Event::Done(done) => {
+                let want = &reference[*i].tokens;
+                if done.answer.finish == FinishReason::Cancelled {
+                    assert_eq!(tokens[..], want[..tokens.len()], "request {i} (cancelled) diverged from alone");
+                } else {
+                    assert_eq!(tokens, want, "request {i} differs from alone");
+                }
+                live.remove(k);
+            }
+            Event::Failed(e) => panic!("request {i}: {e}"),
+        }
+    }
+    assert!(cancelled > 0, "the seed drew no cancellation");
+}
+
+#[test]
+fn an_evicted_conversation_answers_its_follow_up_the_same() {
+    // Two slots: a third conversation evicts the least recently used idle one.
+    let opts = EngineOptions { max_active: 1, slots: 2, ..Default::default() };
+    let engine = Engine::start(model(pool_engine()), opts).unwrap();
+    let keep = |i| Request { keep: true, ..request(i, Pace::Free) };
+    let follow = |d: &Done| FollowUp {
+        conversation: d.conversation.unwrap(),
+        question: "And then?".into(),
+        options: greedy(9),
+        pace: Pace::Free,
+        logits: true,
+    };
+    let first = alone(&engine, keep(0));
+    let expected = collect(engine.follow_up(follow(&first.done)).unwrap());
+    let first = alone(&engine, keep(0));
+    alone(&engine, keep(1));
+    alone(&engine, keep(3));
+    assert!(engine.stats().evictions >= 1, "nothing was evicted: {:?}", engine.stats());
+    let again = collect(engine.follow_up(follow(&first.done)).unwrap());
+    assert_same("follow-up after eviction", &again, &expected);
+}
+
+#[test]
+fn a_full_queue_and_the_reject_policy_refuse_with_overloaded() {
+    let opts =
+        EngineOptions { max_active: 1, slots: 1, when_full: WhenFull::Queue { max_waiting: 1 }, ..Default::default() };
+    let engine = Engine::start(model(pool_engine()), opts).unwrap();
+    let slow = |i| Request { options: greedy(20), ..request(i, Pace::Lockstep) };
+    let running = engine.submit(slow(0)).unwrap();
+    // Wait until it runs (its first token), so the next one waits in the queue.
+    assert!(matches!(running.recv(), Some(Event::Token { .. })));
+    let queued = engine.submit(slow(1)).unwrap();
+    let err = engine.submit(slow(3)).err().expect("a third request was accepted");
+    assert!(matches!(err, Error::Overloaded(_)), "{err:?}");
+    running.cancel();
+    collect_any(running);
+    assert!(matches!(collect_any(queued), Event::Done(_)));
+
+    let opts = EngineOptions { max_active: 1, slots: 1, when_full: WhenFull::Reject, ..Default::default() };
+    let engine = Engine::start(model(pool_engine()), opts).unwrap();
+    let running = engine.submit(slow(0)).unwrap();
+    assert!(matches!(running.recv(), Some(Event::Token { .. })));
+    let refused = engine.submit(slow(1)).unwrap();
+    assert!(matches!(collect_any(refused), Event::Failed(Error::Overloaded(_))));
+}
+
+/// The last event of a handle (acking tokens along the way).
+fn collect_any(handle: Handle) -> Event {
+    loop {
+        match handle.recv().unwrap() {
+            Event::Token { .. } => handle.ack(),
+            other => return other,
+        }
+    }
+}
+
+#[test]
+fn the_kv_budget_bounds_what_runs_at_once() {
+    let m = model(pool_engine());
+    let dims = &m.manifest().model;
+    let per_position = (2 * dims.num_layers * dims.num_kv_heads * dims.head_dim * 4) as u64;
+    // Room for about 1.5 requests of at most 200 positions: they must take turns.
+    let budget = 300 * per_position;
+    let engine = Engine::start(m, EngineOptions { kv_budget_bytes: Some(budget), ..Default::default() }).unwrap();
+    let handles: Vec<Handle> = (0..6).map(|i| engine.submit(request(i, Pace::Free)).unwrap()).collect();
+    for h in handles {
+        collect(h);
+    }
+    let stats = engine.stats();
+    assert!(stats.kv_bytes_peak <= budget, "held {} bytes of KV over a budget of {budget}", stats.kv_bytes_peak);
+    assert!(stats.kv_bytes_peak > 0);
+    // A request that could never fit the budget is refused before any work.
+    let huge = Request { options: greedy(400), ..request(0, Pace::Free) };
+    let err = engine.submit(huge).err().expect("a request larger than the budget was accepted");
+    assert!(matches!(err, Error::ContextOverflow { limit: 300, .. }), "{err:?}");
+}
+
+#[test]
+fn max_new_tokens_beyond_the_context_is_refused_before_any_work() {
+    let engine = Engine::start(model(pool_engine()), EngineOptions::default()).unwrap();
+    let missing = Media::VideoFile("/nonexistent/clip.mp4".into());
+    let err = engine.submit(Request { media: missing, options: greedy(600), ..request(0, Pace::Free) }).err().unwrap();
+    assert!(matches!(err, Error::ContextOverflow { max_new: 600, limit: 512, .. }), "{err:?}");
+}
+
+#[test]
+fn dropping_a_handle_frees_its_slot() {
+    let opts = EngineOptions { max_active: 1, slots: 1, ..Default::default() };
+    let engine = Engine::start(model(pool_engine()), opts).unwrap();
+    let first = engine.submit(Request { options: greedy(200), ..request(0, Pace::Lockstep) }).unwrap();
+    assert!(matches!(first.recv(), Some(Event::Token { .. })));
+    drop(first);
+    // The only slot comes free: the next request runs to its end.
+    let out = collect(engine.submit(request(1, Pace::Free)).unwrap());
+    assert_eq!(out.done.answer.finish, FinishReason::MaxTokens);
+}

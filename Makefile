@@ -6,7 +6,7 @@ ORT_VERSION := 1.31.1
 CARGO ?= cargo
 WORK := work
 
-.PHONY: setup oracle-setup build demo test parity goldens bench fmt lint clean
+.PHONY: setup oracle-setup build demo test parity goldens config-goldens bench fmt lint clean
 
 # System ffmpeg, the ONNX Runtime shared library (PyPI wheel) in .venv, and a release build.
 setup:
@@ -37,6 +37,10 @@ test:
 # Regenerate the golden fixtures with transformers, then compare live (needs oracle-setup).
 goldens:
 	bash tools/make_goldens.sh
+
+# transformers' resolution of the published sparse config.json (tests/fixtures/config/).
+config-goldens:
+	$(ORACLE)/bin/python tools/config_defaults.py
 
 parity: goldens
 	$(CARGO) test --release --workspace --test parity

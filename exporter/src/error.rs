@@ -22,6 +22,27 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A `config.json` (or processor/generation config) field has the wrong JSON type.
+    #[error("{path}: {field}: expected {expected}, found {found}")]
+    ConfigType {
+        /// The config file.
+        path: PathBuf,
+        /// The field, with its section (`text_config.hidden_size`).
+        field: String,
+        /// What the field must hold (`an integer`).
+        expected: &'static str,
+        /// The value found, as JSON.
+        found: String,
+    },
+    /// The config's dimensions cannot describe a model (heads that do not divide the width,
+    /// a patch that does not tile the image, zero layers).
+    #[error("{path}: {message}")]
+    ConfigDims {
+        /// The config file.
+        path: PathBuf,
+        /// Which fields disagree, with their values.
+        message: String,
+    },
     /// The checkpoint is not a Video-LLaVA model this exporter knows.
     #[error("{path}: unsupported architecture {found:?} (expected VideoLlavaForConditionalGeneration)")]
     UnknownArchitecture {

@@ -6,7 +6,7 @@ mod safetensors_store;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{Activation, ModelConfig, Rope, SelectStrategy, Temporal, TextConfig, VisionConfig};
+pub use config::{Activation, ModelConfig, Rope, SelectStrategy, Temporal, TextConfig, VisionConfig, defaults};
 pub use original::{IMAGE_MARKER, ORIGINAL_ARCHITECTURE, TowerDirs};
 pub use safetensors_store::TensorStore;
 use vl_runtime::manifest::CheckpointLayout;

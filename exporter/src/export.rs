@@ -258,6 +258,7 @@ fn manifest(ck: &Checkpoint, opts: &BuildOptions, plan: &Plan, graphs: Graphs) -
         preprocess: media.preprocess,
         max_sequence_length: t.max_positions,
         tokenizer: TOKENIZER_FILE.into(),
+        generation: media.generation,
         assumptions,
         numerics: plan.notes(),
     })

@@ -95,6 +95,11 @@ enum Command {
         /// Video-LLaVA checkpoint (with LanguageBind tower configs and temporal attention).
         #[arg(long, value_enum)]
         layout: Option<LayoutArg>,
+        /// Write the published LanguageBind/Video-LLaVA-7B-hf shape: a sparse config.json
+        /// (transformers' defaults left out), transformers 4 names in safetensors shards with an
+        /// index, no video_preprocessor_config.json, a generation_config.json.
+        #[arg(long, conflicts_with = "layout")]
+        published: bool,
     },
     /// Compare an engine with a reference engine (accuracy of a precision): video-feature cosine,
     /// KL and top-1 agreement of next-token distributions, perplexity, greedy common prefix.
@@ -331,6 +336,7 @@ fn run() -> Result<()> {
             dtype,
             v4_names,
             layout,
+            published,
         } => {
             let preset = match preset {
                 PresetArg::Tiny => Preset::Tiny,
@@ -350,9 +356,10 @@ fn run() -> Result<()> {
                     DtypeArg::Bf16 => WeightDtype::Bf16,
                 };
             }
-            if v4_names {
+            if v4_names || published {
                 spec.layout = CheckpointLayout::HfV4;
             }
+            spec.published = published;
             if let Some(layout) = layout {
                 spec.layout = match layout {
                     LayoutArg::HfV5 => CheckpointLayout::HfV5,

@@ -1,12 +1,14 @@
 //! Reading Video-LLaVA checkpoints: config, tensor store, and the name layout (the Hugging Face
 //! port, or the original `LlavaLlamaForCausalLM` checkpoint, told apart by `config.json`).
 mod config;
+mod generation;
 mod original;
 mod safetensors_store;
 
 use std::path::{Path, PathBuf};
 
 pub use config::{Activation, ModelConfig, Rope, SelectStrategy, Temporal, TextConfig, VisionConfig, defaults};
+pub use generation::{GENERATION_CONFIG_FILE, GenerationConfig};
 pub use original::{IMAGE_MARKER, ORIGINAL_ARCHITECTURE, TowerDirs};
 pub use safetensors_store::TensorStore;
 use vl_runtime::manifest::CheckpointLayout;

@@ -473,7 +473,8 @@ fn samples(
 fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> Result<QuantTable> {
     let work =
         tempfile::Builder::new().prefix("vl-calib-").tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    let MediaContract { preprocess: pre, chat_template: template, tokens } = MediaContract::of(ck, &mut Vec::new())?;
+    let MediaContract { preprocess: pre, chat_template: template, tokens, .. } =
+        MediaContract::of(ck, &mut Vec::new())?;
     let px = pixels(spec, &pre, work.path())?;
     let passes: u64 = if spec.method.needs_histogram() { 2 } else { 1 };
     let per_pass = (px.videos.len() + px.images.len() + spec.samples + spec.texts.len()) as u64;

@@ -9,10 +9,10 @@ use super::SynthSpec;
 use super::tokenizer::SpecialIds;
 use crate::error::{Error, Result};
 
-const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
-const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+pub(super) const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub(super) const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
-fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
+pub(super) fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
     let path = dir.join(name);
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
     std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
@@ -52,7 +52,7 @@ pub fn write_configs(s: &SynthSpec, ids: &SpecialIds, vocab: usize, out: &Path) 
         text["rope_parameters"] = rope;
     }
     let tokens_per_frame = (s.image_size / s.patch_size).pow(2) + 1;
-    let config = json!({
+    let mut config = json!({
         "architectures": ["VideoLlavaForConditionalGeneration"],
         "model_type": "video_llava",
         "dtype": match s.dtype { super::WeightDtype::F32 => "float32", super::WeightDtype::F16 => "float16", super::WeightDtype::Bf16 => "bfloat16" },
@@ -74,6 +74,12 @@ pub fn write_configs(s: &SynthSpec, ids: &SpecialIds, vocab: usize, out: &Path) 
             "num_channels": 3, "projection_dim": s.vision_hidden,
         },
     });
+    if s.published {
+        config = super::published::sparse_config(&config);
+        write_json(out, "config.json", &config)?;
+        super::published::write_processor_and_generation(s, ids, out)?;
+        return tokenizer_files(s, out);
+    }
     write_json(out, "config.json", &config)?;
     processor_files(s, out)
 }

@@ -1,6 +1,7 @@
 //! `vl-export synth`: complete checkpoints (Hugging Face port or original layout) with random weights, for
 //! tests, demos and benchmarks (real weights cannot be downloaded here).
 mod files;
+mod published;
 pub mod tokenizer;
 mod weights;
 
@@ -77,6 +78,10 @@ pub struct SynthSpec {
     pub layout: CheckpointLayout,
     /// RNG seed.
     pub seed: u64,
+    /// The published `LanguageBind/Video-LLaVA-7B-hf` shape: sparse `config.json`,
+    /// transformers-4 names in two shards with an index, no `video_preprocessor_config.json`,
+    /// a `generation_config.json` (forces the `HfV4` layout).
+    pub published: bool,
 }
 
 impl SynthSpec {
@@ -104,6 +109,7 @@ impl SynthSpec {
             dtype: WeightDtype::F32,
             layout: CheckpointLayout::HfV5,
             seed: 0,
+            published: false,
         };
         match p {
             Preset::Tiny => base,
@@ -155,6 +161,9 @@ impl SynthSpec {
         if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return bad(format!("image size {} must be a multiple of patch {}", self.image_size, self.patch_size));
         }
+        if self.published && self.layout != CheckpointLayout::HfV4 {
+            return bad("the published shape uses transformers 4 names (the HfV4 layout)".into());
+        }
         if self.vision_layers == 0 || self.text_layers == 0 {
             return bad("at least one vision and one text layer".into());
         }
@@ -172,5 +181,8 @@ pub fn synthesize(spec: &SynthSpec, out: &Path) -> Result<()> {
         return Err(Error::Invalid(format!("vocab size {vocab} is smaller than the tokenizer's {}", ids.len)));
     }
     files::write_configs(spec, &ids, vocab, out)?;
+    if spec.published {
+        return weights::write_sharded(spec, vocab, out, 2);
+    }
     weights::write(spec, vocab, &out.join("model.safetensors"))
 }

@@ -142,6 +142,28 @@ fn encode(values: impl Iterator<Item = f32>, dtype: WeightDtype) -> Vec<u8> {
 
 /// Generates every tensor (in name order, from one seeded stream) and writes `path`.
 pub fn write(s: &SynthSpec, vocab: usize, path: &Path) -> Result<()> {
+    serialize(&generate(s, vocab), s.dtype, path)
+}
+
+/// The same tensors split in name order over `shards` files as transformers names them
+/// (`model-00001-of-00002.safetensors`), with `model.safetensors.index.json`.
+pub fn write_sharded(s: &SynthSpec, vocab: usize, out: &Path, shards: usize) -> Result<()> {
+    let tensors = generate(s, vocab);
+    let per = tensors.len().div_ceil(shards.max(1));
+    let mut weight_map = Vec::new();
+    let mut total = 0u64;
+    for (i, chunk) in tensors.chunks(per.max(1)).enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards);
+        serialize(chunk, s.dtype, &out.join(&file))?;
+        for (name, _, bytes) in chunk {
+            weight_map.push((name.clone(), file.clone()));
+            total += bytes.len() as u64;
+        }
+    }
+    super::published::write_index(out, &weight_map, total)
+}
+
+fn generate(s: &SynthSpec, vocab: usize) -> Vec<(String, Vec<usize>, Vec<u8>)> {
     let mut rng = StdRng::seed_from_u64(s.seed);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, (shape, init)) in plan(s, vocab).0 {
@@ -156,7 +178,11 @@ pub fn write(s: &SynthSpec, vocab: usize, path: &Path) -> Result<()> {
         });
         tensors.push((name, shape, encode(values, s.dtype)));
     }
-    let dtype = match s.dtype {
+    tensors
+}
+
+fn serialize(tensors: &[(String, Vec<usize>, Vec<u8>)], dtype: WeightDtype, path: &Path) -> Result<()> {
+    let dtype = match dtype {
         WeightDtype::F32 => Dtype::F32,
         WeightDtype::F16 => Dtype::F16,
         WeightDtype::Bf16 => Dtype::BF16,

@@ -225,4 +225,66 @@ mod tests {
         assert!(!fa.iter().any(|a| a.contains("video_preprocessor_config.json")), "{fa:?}");
         Ok(())
     }
+
+    /// The published shape and the spelled-out one export byte-identical graphs.
+    #[test]
+    fn published_and_spelled_out_export_identical_graphs() -> Result<()> {
+        let spec = SynthSpec { layout: CheckpointLayout::HfV4, ..SynthSpec::preset(Preset::Tiny) };
+        let tmp = tempfile::tempdir().map_err(|e| crate::error::Error::io("tmp", e))?;
+        let mut manifests = Vec::new();
+        for (name, published) in [("published", true), ("full", false)] {
+            let ck = tmp.path().join(name);
+            synthesize(&SynthSpec { published, ..spec.clone() }, &ck)?;
+            let opts = crate::export::BuildOptions::new(ck, tmp.path().join(format!("{name}-engine")));
+            manifests.push((opts.out.clone(), crate::export::build(&opts)?.manifest));
+        }
+        let [(pdir, pm), (fdir, fm)] =
+            <[_; 2]>::try_from(manifests).map_err(|_| crate::error::Error::Invalid("two builds".into()))?;
+        assert_eq!(pm.model, fm.model);
+        assert_eq!(pm.graphs, fm.graphs);
+        for g in [&pm.graphs.vision, &pm.graphs.image, &pm.graphs.embed, &pm.graphs.decoder] {
+            let mut files = vec![g.file.clone()];
+            files.extend(g.data.iter().map(|d| d.file.clone()));
+            for f in files {
+                let (a, b) = (std::fs::read(pdir.join(&f)), std::fs::read(fdir.join(&f)));
+                assert!(a.is_ok() && a.ok() == b.ok(), "{f} differs");
+            }
+        }
+        Ok(())
+    }
+
+    /// Sampling defaults and extra eos ids from `generation_config.json` reach the contract; a
+    /// `video_preprocessor_config.json` that disagrees with the image processor is refused.
+    #[test]
+    fn generation_defaults_and_video_processor_mismatch() -> Result<()> {
+        let spec = SynthSpec { layout: CheckpointLayout::HfV4, published: true, ..SynthSpec::preset(Preset::Tiny) };
+        let tmp = tempfile::tempdir().map_err(|e| crate::error::Error::io("tmp", e))?;
+        let dir = tmp.path().join("ck");
+        synthesize(&spec, &dir)?;
+        let gen_path = dir.join("generation_config.json");
+        let mut g = read(&dir, "generation_config.json");
+        let eos = g["eos_token_id"].as_u64().unwrap_or(0);
+        g["eos_token_id"] = serde_json::json!([eos, 7]);
+        g["do_sample"] = serde_json::json!(true);
+        g["temperature"] = serde_json::json!(0.5);
+        g["max_new_tokens"] = serde_json::json!(40);
+        std::fs::write(&gen_path, g.to_string()).map_err(|e| crate::error::Error::io(&gen_path, e))?;
+        let ck = Checkpoint::open(&dir)?;
+        let mut assumptions = Vec::new();
+        let m = MediaContract::of(&ck, &mut assumptions)?;
+        let sampling = m.generation.unwrap_or_default();
+        assert_eq!(
+            (sampling.do_sample, sampling.temperature, sampling.max_new_tokens),
+            (Some(true), Some(0.5), Some(40))
+        );
+        assert_eq!(m.tokens.eos as u64, eos);
+        assert!(assumptions.iter().any(|a| a.contains("answers end at")), "{assumptions:?}");
+        let mut video = read(&dir, "preprocessor_config.json");
+        video["size"] = serde_json::json!({"shortest_edge": 64});
+        let vpath = dir.join("video_preprocessor_config.json");
+        std::fs::write(&vpath, video.to_string()).map_err(|e| crate::error::Error::io(&vpath, e))?;
+        let e = MediaContract::of(&ck, &mut Vec::new()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("differs from preprocessor_config.json"), "{e}");
+        Ok(())
+    }
 }

@@ -21,6 +21,13 @@ pub enum PickleError {
 
 type Result<T> = std::result::Result<T, PickleError>;
 
+/// Most values on the stack at once: a state dict needs a few thousand (`pickle` batches 1000
+/// items per SETITEMS); the bound also bounds nesting, so dropping values cannot overflow.
+const MAX_STACK: usize = 4096;
+/// Most values copied out of the memo in all: a hostile pickle fetching and nesting memoized
+/// containers again and again would otherwise grow without bound ("billion laughs").
+const MAX_MEMO_COPIES: usize = 4 << 20;
+
 fn bad<T>(message: impl Into<String>) -> Result<T> {
     Err(PickleError::Malformed(message.into()))
 }
@@ -159,6 +166,16 @@ struct Machine<'a> {
     pos: usize,
     stack: Vec<Value>,
     memo: HashMap<u32, Value>,
+    copies: usize,
+}
+
+/// How many values `v` holds, itself included.
+fn count(v: &Value) -> usize {
+    match v {
+        Value::Tuple(items) | Value::List(items) => 1 + items.iter().map(count).sum::<usize>(),
+        Value::Dict(items) => 1 + items.iter().map(|(k, v)| count(k) + count(v)).sum::<usize>(),
+        _ => 1,
+    }
 }
 
 impl<'a> Machine<'a> {
@@ -215,6 +232,16 @@ impl<'a> Machine<'a> {
     fn memo_get(&mut self, at: u32) -> Result<()> {
         let v = self.memo.get(&at).cloned();
         let Some(v) = v else { return bad(format!("memo {at} read before it was written")) };
+        self.copies += count(&v);
+        if self.copies > MAX_MEMO_COPIES {
+            return bad(format!("more than {MAX_MEMO_COPIES} values copied from the memo: not a state dict"));
+        }
+        self.push(v)
+    }
+    fn push(&mut self, v: Value) -> Result<()> {
+        if self.stack.len() >= MAX_STACK {
+            return bad(format!("more than {MAX_STACK} values on the stack at byte {}: not a state dict", self.pos));
+        }
         self.stack.push(v);
         Ok(())
     }
@@ -393,7 +420,7 @@ impl<'a> Machine<'a> {
             other => return bad(format!("opcode 0x{other:02x} at byte {at} is not accepted")),
         };
         if let Some(v) = push {
-            self.stack.push(v);
+            self.push(v)?;
         }
         Ok(None)
     }
@@ -402,7 +429,7 @@ impl<'a> Machine<'a> {
 /// The tensors of the state dict pickled in `data`, by name, in pickle order. Entries whose
 /// value is not a tensor are skipped; a result that is not a dict with string keys is an error.
 pub fn state_dict(data: &[u8]) -> Result<Vec<(String, TensorRecord)>> {
-    let mut m = Machine { data, pos: 0, stack: Vec::new(), memo: HashMap::new() };
+    let mut m = Machine { data, pos: 0, stack: Vec::new(), memo: HashMap::new(), copies: 0 };
     let result = loop {
         if let Some(v) = m.step()? {
             break v;
@@ -417,4 +444,70 @@ pub fn state_dict(data: &[u8]) -> Result<Vec<(String, TensorRecord)>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn malformed(data: &[u8]) -> String {
+        match state_dict(data) {
+            Err(PickleError::Malformed(m)) => m,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_protocol_4_frames_memoize_and_long_ints() {
+        // {'w': _rebuild_tensor_v2(storage, 2**40 offset is too far for a test, so LONG1 in numel)}
+        let mut p = vec![0x80, 4, 0x95, 0, 0, 0, 0, 0, 0, 0, 0, b'}', 0x94, b'(', 0x8c, 1, b'w'];
+        p.extend([0x8c, 12]);
+        p.extend(b"torch._utils");
+        p.extend([0x8c, 18]);
+        p.extend(b"_rebuild_tensor_v2");
+        p.extend([0x93, 0x94, b'(', b'(', 0x8c, 7]);
+        p.extend(b"storage");
+        p.extend(b"ctorch\nHalfStorage\n");
+        p.extend([0x8c, 1, b'k', 0x8c, 6]);
+        p.extend(b"cuda:0");
+        p.extend([0x8a, 5, 0, 0, 0, 0, 1, b't', b'Q', b'K', 3, b'K', 2, 0x85, b'K', 1, 0x85, 0x89, b'}', b't', b'R']);
+        p.extend([b'u', b'.']);
+        let tensors = state_dict(&p).unwrap();
+        let want = TensorRecord { key: "k".into(), dtype: Dtype::F16, offset: 3, shape: vec![2], stride: vec![1] };
+        assert_eq!(tensors, vec![("w".to_string(), want)]);
+    }
+
+    #[test]
+    fn negative_long1_is_sign_extended() {
+        let mut m = Machine { data: &[0x8a, 1, 0xFF], pos: 0, stack: Vec::new(), memo: HashMap::new(), copies: 0 };
+        m.step().unwrap();
+        assert!(matches!(m.stack.as_slice(), [Value::Int(-1)]));
+    }
+
+    #[test]
+    fn refuses_opcodes_that_build_arbitrary_objects() {
+        // INST 'os' 'system' would call it on the marked values; OBJ and NEWOBJ likewise.
+        assert!(malformed(b"\x80\x02(X\x02\x00\x00\x00lsios\nsystem\n.").contains("opcode 0x69"));
+        assert!(malformed(b"\x80\x02}\x81.").contains("opcode 0x81"));
+        assert!(malformed(b"\x80\x05}.").contains("protocol 5"));
+    }
+
+    #[test]
+    fn refuses_calling_an_allowed_class_with_arguments_it_does_not_need() {
+        assert!(malformed(b"\x80\x02ctorch\nFloatStorage\n)R.").contains("REDUCE calls"));
+        assert!(malformed(b"\x80\x02ccollections\nOrderedDict\n]\x85R.").contains("REDUCE calls"));
+    }
+
+    #[test]
+    fn bounds_the_stack_and_memo_copies() {
+        let deep: Vec<u8> = [0x80, 2].into_iter().chain(std::iter::repeat_n(b']', MAX_STACK + 1)).collect();
+        assert!(malformed(&deep).contains("on the stack"));
+        // L(n+1) = [L(n), L(n)]: doubling copies out of the memo.
+        let mut laughs = vec![0x80, 2, b']', b'q', 0];
+        for i in 0..40u8 {
+            laughs.extend([b']', b'(', b'h', i, b'h', i, b'e', b'q', i + 1]);
+        }
+        assert!(malformed(&laughs).contains("copied from the memo"));
+    }
 }

@@ -59,6 +59,35 @@ pub enum Error {
         /// What is wrong, naming the tensor at fault where one can be found.
         message: String,
     },
+    /// A PyTorch `.bin` checkpoint is malformed or holds what the exporter cannot read
+    /// (truncated zip, compressed entries, a bad pickle, non-contiguous strides).
+    #[error("{path}: not a readable PyTorch checkpoint: {message}")]
+    TorchCheckpoint {
+        /// The `.bin` file.
+        path: PathBuf,
+        /// What is wrong, naming the entry or tensor at fault.
+        message: String,
+    },
+    /// A PyTorch checkpoint's pickle names a global outside what `torch.load(weights_only=True)`
+    /// accepts; it was refused before anything could run.
+    #[error(
+        "{path}: refused: its pickle calls {global}, which is not a tensor, storage or container type \
+         (only what torch.load(weights_only=True) accepts is read; nothing was executed)"
+    )]
+    UnsafePickle {
+        /// The `.bin` file.
+        path: PathBuf,
+        /// The refused global, as `module.name` (`posix.system`).
+        global: String,
+    },
+    /// A shard index names a file that is not in the checkpoint directory.
+    #[error("{index}: names shard {shard}, which does not exist")]
+    MissingShard {
+        /// The missing shard.
+        shard: PathBuf,
+        /// The index file naming it.
+        index: PathBuf,
+    },
     /// A tensor the model needs is not in the checkpoint.
     #[error("tensor {name} is missing from the checkpoint in {dir}")]
     MissingTensor {

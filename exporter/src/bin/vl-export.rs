@@ -9,7 +9,7 @@ use vl_export::export::{BuildOptions, build};
 use vl_export::quant::calibrate::CalibOptions;
 use vl_export::quant::fusion::fusion_report;
 use vl_export::quant::stats::Method;
-use vl_export::synth::{Preset, SynthSpec, WeightDtype, synthesize};
+use vl_export::synth::{Preset, SynthSpec, WeightDtype, WeightsFormat, synthesize};
 use vl_runtime::manifest::{CheckpointLayout, Precision, Target};
 
 #[derive(Parser)]
@@ -100,6 +100,10 @@ enum Command {
         /// index, no video_preprocessor_config.json, a generation_config.json.
         #[arg(long, conflicts_with = "layout")]
         published: bool,
+        /// Weight files: `model.safetensors`, or PyTorch `.bin` shards with
+        /// `pytorch_model.bin.index.json` (read by `torch.load(weights_only=True)`).
+        #[arg(long, value_enum, default_value_t = WeightsFormatArg::Safetensors)]
+        weights_format: WeightsFormatArg,
     },
     /// Compare an engine with a reference engine (accuracy of a precision): video-feature cosine,
     /// KL and top-1 agreement of next-token distributions, perplexity, greedy common prefix.
@@ -249,6 +253,12 @@ enum PresetArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum WeightsFormatArg {
+    Safetensors,
+    Bin,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum DtypeArg {
     F32,
     F16,
@@ -337,6 +347,7 @@ fn run() -> Result<()> {
             v4_names,
             layout,
             published,
+            weights_format,
         } => {
             let preset = match preset {
                 PresetArg::Tiny => Preset::Tiny,
@@ -367,6 +378,10 @@ fn run() -> Result<()> {
                     LayoutArg::Original => CheckpointLayout::Original,
                 };
             }
+            spec.weights_format = match weights_format {
+                WeightsFormatArg::Safetensors => WeightsFormat::Safetensors,
+                WeightsFormatArg::Bin => WeightsFormat::TorchBin,
+            };
             synthesize(&spec, &out)?;
             println!("wrote a {:?} checkpoint to {}", preset, out.display());
         }

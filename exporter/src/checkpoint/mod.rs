@@ -1,9 +1,16 @@
 //! Reading Video-LLaVA checkpoints: config, tensor store, and the name layout (the Hugging Face
-//! port, or the original `LlavaLlamaForCausalLM` checkpoint, told apart by `config.json`).
+//! port, or the original `LlavaLlamaForCausalLM` checkpoint, told apart by `config.json`). Weights
+//! are safetensors or PyTorch `.bin` zips, read without running any pickled code.
 mod config;
 mod generation;
 mod original;
 mod safetensors_store;
+mod shards;
+mod torch_pickle;
+mod torch_store;
+#[cfg(test)]
+mod torch_tests;
+mod torch_zip;
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +18,7 @@ pub use config::{Activation, ModelConfig, Rope, SelectStrategy, Temporal, TextCo
 pub use generation::{GENERATION_CONFIG_FILE, GenerationConfig};
 pub use original::{IMAGE_MARKER, ORIGINAL_ARCHITECTURE, TowerDirs};
 pub use safetensors_store::TensorStore;
+pub use shards::WeightsFormat;
 use vl_runtime::manifest::CheckpointLayout;
 
 use crate::error::{Error, Result};

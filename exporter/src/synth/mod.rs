@@ -3,13 +3,19 @@
 mod files;
 mod published;
 pub mod tokenizer;
+pub mod torch_bin;
+mod torch_zip_writer;
 mod weights;
 
 use std::path::Path;
 
 use vl_runtime::manifest::CheckpointLayout;
 
+pub use crate::checkpoint::WeightsFormat;
 use crate::error::{Error, Result};
+
+/// A tensor to write: name, shape, little-endian bytes.
+pub type NamedTensor = (String, Vec<usize>, Vec<u8>);
 
 /// Named sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +82,9 @@ pub struct SynthSpec {
     pub dtype: WeightDtype,
     /// Tensor-name layout.
     pub layout: CheckpointLayout,
+    /// File format of the weights: `model.safetensors`, or two `.bin` shards with
+    /// `pytorch_model.bin.index.json` (as the original Video-LLaVA release ships them).
+    pub weights_format: WeightsFormat,
     /// RNG seed.
     pub seed: u64,
     /// The published `LanguageBind/Video-LLaVA-7B-hf` shape: sparse `config.json`,
@@ -108,6 +117,7 @@ impl SynthSpec {
             rope_linear: None,
             dtype: WeightDtype::F32,
             layout: CheckpointLayout::HfV5,
+            weights_format: WeightsFormat::Safetensors,
             seed: 0,
             published: false,
         };
@@ -181,8 +191,10 @@ pub fn synthesize(spec: &SynthSpec, out: &Path) -> Result<()> {
         return Err(Error::Invalid(format!("vocab size {vocab} is smaller than the tokenizer's {}", ids.len)));
     }
     files::write_configs(spec, &ids, vocab, out)?;
-    if spec.published {
-        return weights::write_sharded(spec, vocab, out, 2);
+    let tensors = weights::generate(spec, vocab);
+    match spec.weights_format {
+        WeightsFormat::Safetensors if spec.published => weights::write_sharded_safetensors(spec, tensors, out, 2),
+        WeightsFormat::Safetensors => weights::write_safetensors(spec, tensors, &out.join("model.safetensors")),
+        WeightsFormat::TorchBin => torch_bin::write_sharded(out, tensors, weights::dtype(spec), 2),
     }
-    weights::write(spec, vocab, &out.join("model.safetensors"))
 }

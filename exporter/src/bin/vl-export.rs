@@ -9,7 +9,7 @@ use vl_export::export::{BuildOptions, build};
 use vl_export::quant::calibrate::CalibOptions;
 use vl_export::quant::fusion::fusion_report;
 use vl_export::quant::stats::Method;
-use vl_export::synth::{Preset, SynthSpec, WeightDtype, synthesize};
+use vl_export::synth::{Preset, SynthSpec, SynthTokenizer, WeightDtype, synthesize};
 use vl_runtime::manifest::{CheckpointLayout, Precision, Target};
 
 #[derive(Parser)]
@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Export a checkpoint directory to an engine directory.
     Build {
-        /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+        /// Checkpoint directory (config.json, safetensors, tokenizer.json or tokenizer.model).
         #[arg(long, env = "VL_MODEL")]
         model: PathBuf,
         /// Engine directory to write (replaced if it already holds an engine).
@@ -95,6 +95,10 @@ enum Command {
         /// Video-LLaVA checkpoint (with LanguageBind tower configs and temporal attention).
         #[arg(long, value_enum)]
         layout: Option<LayoutArg>,
+        /// Tokenizer file: tokenizer.json, or SentencePiece's tokenizer.model only (as the
+        /// published checkpoints may ship it).
+        #[arg(long, value_enum, default_value = "json")]
+        tokenizer: TokenizerArg,
     },
     /// Compare an engine with a reference engine (accuracy of a precision): video-feature cosine,
     /// KL and top-1 agreement of next-token distributions, perplexity, greedy common prefix.
@@ -119,6 +123,14 @@ enum LayoutArg {
     #[value(name = "hf-v4")]
     HfV4,
     Original,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TokenizerArg {
+    /// tokenizer.json.
+    Json,
+    /// tokenizer.model (SentencePiece) only.
+    Spm,
 }
 
 /// Calibration of `--precision int8`.
@@ -331,6 +343,7 @@ fn run() -> Result<()> {
             dtype,
             v4_names,
             layout,
+            tokenizer,
         } => {
             let preset = match preset {
                 PresetArg::Tiny => Preset::Tiny,
@@ -360,6 +373,10 @@ fn run() -> Result<()> {
                     LayoutArg::Original => CheckpointLayout::Original,
                 };
             }
+            spec.tokenizer = match tokenizer {
+                TokenizerArg::Json => SynthTokenizer::Json,
+                TokenizerArg::Spm => SynthTokenizer::SentencePiece,
+            };
             synthesize(&spec, &out)?;
             println!("wrote a {:?} checkpoint to {}", preset, out.display());
         }

@@ -1,14 +1,18 @@
 //! Reading Video-LLaVA checkpoints: config, tensor store, and the name layout (the Hugging Face
-//! port, or the original `LlavaLlamaForCausalLM` checkpoint, told apart by `config.json`).
+//! port, or the original `LlavaLlamaForCausalLM` checkpoint, told apart by `config.json`), and
+//! the tokenizer (`tokenizer.json`, or SentencePiece's `tokenizer.model` converted).
 mod config;
 mod original;
 mod safetensors_store;
+pub mod sentencepiece;
+pub mod tokenizer_convert;
 
 use std::path::{Path, PathBuf};
 
 pub use config::{Activation, ModelConfig, Rope, SelectStrategy, Temporal, TextConfig, VisionConfig};
 pub use original::{IMAGE_MARKER, ORIGINAL_ARCHITECTURE, TowerDirs};
 pub use safetensors_store::TensorStore;
+use tokenizer_convert::{SpmSemantics, TokenizerSource};
 use vl_runtime::manifest::CheckpointLayout;
 
 use crate::error::{Error, Result};
@@ -71,6 +75,13 @@ fn find_root(store: &TensorStore, candidates: &[&str], probe: &str) -> Option<St
 }
 
 impl Checkpoint {
+    /// Where the engine's tokenizer comes from: `tokenizer.json`, else `tokenizer.model` read as
+    /// the layout's code reads it (the fast tokenizer for the port, the slow one for the original).
+    pub fn tokenizer_source(&self) -> Result<TokenizerSource> {
+        let semantics = if self.layout == CheckpointLayout::Original { SpmSemantics::Slow } else { SpmSemantics::Fast };
+        TokenizerSource::find(&self.dir, semantics)
+    }
+
     /// Opens the checkpoint in `dir` and works out its layout.
     pub fn open(dir: &Path) -> Result<Self> {
         Self::open_with(dir, &TowerDirs::default())

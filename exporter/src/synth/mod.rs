@@ -1,6 +1,7 @@
 //! `vl-export synth`: complete checkpoints (Hugging Face port or original layout) with random weights, for
 //! tests, demos and benchmarks (real weights cannot be downloaded here).
 mod files;
+mod spm;
 pub mod tokenizer;
 mod weights;
 
@@ -30,6 +31,17 @@ pub enum WeightDtype {
     F16,
     /// bfloat16 (what the published checkpoints use).
     Bf16,
+}
+
+/// The tokenizer file a synthesized checkpoint ships.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SynthTokenizer {
+    /// `tokenizer.json` (byte-level BPE).
+    #[default]
+    Json,
+    /// SentencePiece's `tokenizer.model` only, as the published checkpoints may ship it (with
+    /// `added_tokens.json` for the placeholders in the Hugging Face layout).
+    SentencePiece,
 }
 
 /// Everything that defines a synthesized checkpoint.
@@ -77,6 +89,8 @@ pub struct SynthSpec {
     pub layout: CheckpointLayout,
     /// RNG seed.
     pub seed: u64,
+    /// Which tokenizer file to write.
+    pub tokenizer: SynthTokenizer,
 }
 
 impl SynthSpec {
@@ -104,6 +118,7 @@ impl SynthSpec {
             dtype: WeightDtype::F32,
             layout: CheckpointLayout::HfV5,
             seed: 0,
+            tokenizer: SynthTokenizer::Json,
         };
         match p {
             Preset::Tiny => base,
@@ -166,7 +181,12 @@ impl SynthSpec {
 pub fn synthesize(spec: &SynthSpec, out: &Path) -> Result<()> {
     spec.validate()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let ids = tokenizer::write(&out.join("tokenizer.json"), spec.tokenizer_vocab)?;
+    let ids = match spec.tokenizer {
+        SynthTokenizer::Json => tokenizer::write(&out.join("tokenizer.json"), spec.tokenizer_vocab)?,
+        SynthTokenizer::SentencePiece => {
+            spm::write(out, spec.tokenizer_vocab, spec.layout != CheckpointLayout::Original)?
+        }
+    };
     let vocab = spec.vocab_size.unwrap_or(ids.len + 5);
     if vocab < ids.len {
         return Err(Error::Invalid(format!("vocab size {vocab} is smaller than the tokenizer's {}", ids.len)));

@@ -90,6 +90,38 @@ mod tests {
     use crate::checkpoint::tokenizer_convert::{SpmSettings, convert};
 
     #[test]
+    fn synth_checkpoints_with_tokenizer_model_only_convert_to_their_ids() -> Result<()> {
+        use crate::checkpoint::Checkpoint;
+        use crate::checkpoint::tokenizer_convert::TokenizerSource;
+        use crate::synth::{Preset, SynthSpec, SynthTokenizer, synthesize};
+        use vl_runtime::manifest::CheckpointLayout;
+        for layout in [CheckpointLayout::HfV5, CheckpointLayout::Original] {
+            let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+            let spec =
+                SynthSpec { layout, tokenizer: SynthTokenizer::SentencePiece, ..SynthSpec::preset(Preset::Tiny) };
+            synthesize(&spec, dir.path())?;
+            assert!(!dir.path().join("tokenizer.json").exists());
+            let ck = Checkpoint::open(dir.path())?;
+            let source = ck.tokenizer_source()?;
+            assert!(matches!(source, TokenizerSource::SentencePiece(..)), "{source:?}");
+            let tok = source.load()?;
+            let t = &ck.config.text;
+            assert_eq!((tok.token_to_id("<s>"), tok.token_to_id("</s>")), (Some(t.bos), Some(t.eos)));
+            if layout != CheckpointLayout::Original {
+                assert_eq!(tok.token_to_id("<video>"), Some(ck.config.video_token));
+                assert_eq!(tok.token_to_id("<image>"), Some(ck.config.image_token));
+            }
+            let out = dir.path().join("engine-tokenizer.json");
+            assert!(source.write_engine_file(&out)?.is_some());
+            assert_eq!(
+                tokenizers::Tokenizer::from_file(&out).map_err(tok_err)?.get_vocab_size(true),
+                tok.get_vocab_size(true)
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
     fn the_synth_model_converts_and_round_trips_text() -> Result<()> {
         let model = model(300)?;
         assert!(model.pieces.len() > 259 + 50, "{} pieces", model.pieces.len());

@@ -114,6 +114,23 @@ pub enum Error {
         /// Its dtype.
         dtype: String,
     },
+    /// `tokenizer.model` is not a SentencePiece model (truncated, corrupt, no pieces).
+    #[error("{path}: not a valid SentencePiece model: {message}")]
+    SentencePiece {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// `tokenizer.model` is a SentencePiece model of a kind the conversion does not handle
+    /// (only BPE, as LLaMA's, is converted).
+    #[error("{path}: SentencePiece {model_type} models are not supported (only BPE, as LLaMA uses)")]
+    UnsupportedSentencePiece {
+        /// The model file.
+        path: PathBuf,
+        /// Its `trainer_spec.model_type` (UNIGRAM, WORD, CHAR).
+        model_type: String,
+    },
     /// The tokenizer could not be built or read.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -9,7 +9,7 @@ use vl_export::export::{BuildOptions, build};
 use vl_export::quant::calibrate::CalibOptions;
 use vl_export::quant::fusion::fusion_report;
 use vl_export::quant::stats::Method;
-use vl_export::synth::{Preset, SynthSpec, WeightDtype, WeightsFormat, synthesize};
+use vl_export::synth::{Preset, SynthSpec, SynthTokenizer, WeightDtype, WeightsFormat, synthesize};
 use vl_runtime::manifest::{CheckpointLayout, Precision, Target};
 
 #[derive(Parser)]
@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Export a checkpoint directory to an engine directory.
     Build {
-        /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+        /// Checkpoint directory (config.json, safetensors, tokenizer.json or tokenizer.model).
         #[arg(long, env = "VL_MODEL")]
         model: PathBuf,
         /// Engine directory to write (replaced if it already holds an engine).
@@ -104,6 +104,10 @@ enum Command {
         /// `pytorch_model.bin.index.json` (read by `torch.load(weights_only=True)`).
         #[arg(long, value_enum, default_value_t = WeightsFormatArg::Safetensors)]
         weights_format: WeightsFormatArg,
+        /// Tokenizer file: tokenizer.json, or SentencePiece's tokenizer.model only (as the
+        /// published checkpoints may ship it).
+        #[arg(long, value_enum, default_value = "json")]
+        tokenizer: TokenizerArg,
     },
     /// Compare an engine with a reference engine (accuracy of a precision): video-feature cosine,
     /// KL and top-1 agreement of next-token distributions, perplexity, greedy common prefix.
@@ -128,6 +132,14 @@ enum LayoutArg {
     #[value(name = "hf-v4")]
     HfV4,
     Original,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TokenizerArg {
+    /// tokenizer.json.
+    Json,
+    /// tokenizer.model (SentencePiece) only.
+    Spm,
 }
 
 /// Calibration of `--precision int8`.
@@ -348,6 +360,7 @@ fn run() -> Result<()> {
             layout,
             published,
             weights_format,
+            tokenizer,
         } => {
             let preset = match preset {
                 PresetArg::Tiny => Preset::Tiny,
@@ -381,6 +394,10 @@ fn run() -> Result<()> {
             spec.weights_format = match weights_format {
                 WeightsFormatArg::Safetensors => WeightsFormat::Safetensors,
                 WeightsFormatArg::Bin => WeightsFormat::TorchBin,
+            };
+            spec.tokenizer = match tokenizer {
+                TokenizerArg::Json => SynthTokenizer::Json,
+                TokenizerArg::Spm => SynthTokenizer::SentencePiece,
             };
             synthesize(&spec, &out)?;
             println!("wrote a {:?} checkpoint to {}", preset, out.display());

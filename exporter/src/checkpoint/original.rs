@@ -13,6 +13,7 @@ use serde::Deserialize;
 use vl_runtime::manifest::CheckpointLayout;
 
 use super::config::{Activation, Fields, ModelConfig, RawText, RawVision, SelectStrategy, Temporal, VisionConfig};
+use super::tokenizer_convert::{SpmSemantics, TokenizerSource};
 use super::{Checkpoint, Roots, TensorStore, find_root};
 use crate::error::{Error, Result};
 
@@ -258,13 +259,10 @@ pub(super) fn open(dir: &Path, path: &Path, value: serde_json::Value, towers: &T
 /// the vocabulary; the engine's embedding lookup needs a real row, so `<unk>` stands in (its
 /// embedding is always replaced by visual features, and text never encodes to it).
 fn placeholder_id(dir: &Path, text: &super::TextConfig, assumptions: &mut Vec<String>) -> Result<u32> {
-    let path = dir.join("tokenizer.json");
-    let unk = if path.is_file() {
-        let tok = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        tok.token_to_id("<unk>")
-    } else {
-        None
+    let path = dir.join("config.json");
+    let unk = match TokenizerSource::find(dir, SpmSemantics::Slow) {
+        Ok(source) => source.load()?.token_to_id("<unk>"),
+        Err(_) => None,
     };
     let (id, what) = match (unk, text.pad) {
         (Some(id), _) => (id, "<unk>"),

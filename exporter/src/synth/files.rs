@@ -5,8 +5,8 @@ use std::path::Path;
 use serde_json::json;
 use vl_runtime::manifest::CheckpointLayout;
 
-use super::SynthSpec;
 use super::tokenizer::SpecialIds;
+use super::{SynthSpec, SynthTokenizer};
 use crate::error::{Error, Result};
 
 pub(super) const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
@@ -78,10 +78,10 @@ pub fn write_configs(s: &SynthSpec, ids: &SpecialIds, vocab: usize, out: &Path) 
         config = super::published::sparse_config(&config);
         write_json(out, "config.json", &config)?;
         super::published::write_processor_and_generation(s, ids, out)?;
-        return tokenizer_files(s, out);
+        return tokenizer_files(s, ids, out);
     }
     write_json(out, "config.json", &config)?;
-    processor_files(s, out)
+    processor_files(s, ids, out)
 }
 
 /// Where the original layout's tower configs go: `mm_*_tower` names a hub repository, whose last
@@ -122,7 +122,7 @@ fn write_original_configs(s: &SynthSpec, ids: &SpecialIds, vocab: usize, out: &P
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         write_json(&dir, "config.json", &languagebind_tower_config(s, temporal))?;
     }
-    tokenizer_files(s, out)
+    tokenizer_files(s, ids, out)
 }
 
 /// A LanguageBind tower's `config.json` (`LanguageBindVideoConfig` / `LanguageBindImageConfig`:
@@ -150,7 +150,7 @@ fn dtype_name(s: &SynthSpec) -> &'static str {
     }
 }
 
-fn processor_files(s: &SynthSpec, out: &Path) -> Result<()> {
+fn processor_files(s: &SynthSpec, ids: &SpecialIds, out: &Path) -> Result<()> {
     let side = s.image_size;
     let image_processor = json!({
         "image_processor_type": "CLIPImageProcessor",
@@ -176,15 +176,25 @@ fn processor_files(s: &SynthSpec, out: &Path) -> Result<()> {
             "num_additional_image_tokens": 1,
         }),
     )?;
-    tokenizer_files(s, out)
+    tokenizer_files(s, ids, out)
 }
 
-fn tokenizer_files(s: &SynthSpec, out: &Path) -> Result<()> {
+fn tokenizer_files(s: &SynthSpec, ids: &SpecialIds, out: &Path) -> Result<()> {
+    let class = match s.tokenizer {
+        SynthTokenizer::Json => "PreTrainedTokenizerFast",
+        // The original checkpoint ships tokenizer.model alone.
+        SynthTokenizer::SentencePiece if s.layout == CheckpointLayout::Original => return Ok(()),
+        SynthTokenizer::SentencePiece => {
+            let added = json!({"<image>": ids.image, "<video>": ids.video, "<pad>": ids.pad});
+            write_json(out, "added_tokens.json", &added)?;
+            "LlamaTokenizer"
+        }
+    };
     write_json(
         out,
         "tokenizer_config.json",
         &json!({
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "tokenizer_class": class, "bos_token": "<s>", "eos_token": "</s>",
             "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": s.max_positions,
             "add_bos_token": true, "add_eos_token": false, "clean_up_tokenization_spaces": false,
         }),

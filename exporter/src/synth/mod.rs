@@ -2,6 +2,7 @@
 //! tests, demos and benchmarks (real weights cannot be downloaded here).
 mod files;
 mod published;
+mod spm;
 pub mod tokenizer;
 pub mod torch_bin;
 mod torch_zip_writer;
@@ -37,6 +38,17 @@ pub enum WeightDtype {
     F16,
     /// bfloat16 (what the published checkpoints use).
     Bf16,
+}
+
+/// The tokenizer file a synthesized checkpoint ships.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SynthTokenizer {
+    /// `tokenizer.json` (byte-level BPE).
+    #[default]
+    Json,
+    /// SentencePiece's `tokenizer.model` only, as the published checkpoints may ship it (with
+    /// `added_tokens.json` for the placeholders in the Hugging Face layout).
+    SentencePiece,
 }
 
 /// Everything that defines a synthesized checkpoint.
@@ -91,6 +103,8 @@ pub struct SynthSpec {
     /// transformers-4 names in two shards with an index, no `video_preprocessor_config.json`,
     /// a `generation_config.json` (forces the `HfV4` layout).
     pub published: bool,
+    /// Which tokenizer file to write.
+    pub tokenizer: SynthTokenizer,
 }
 
 impl SynthSpec {
@@ -120,6 +134,7 @@ impl SynthSpec {
             weights_format: WeightsFormat::Safetensors,
             seed: 0,
             published: false,
+            tokenizer: SynthTokenizer::Json,
         };
         match p {
             Preset::Tiny => base,
@@ -185,7 +200,12 @@ impl SynthSpec {
 pub fn synthesize(spec: &SynthSpec, out: &Path) -> Result<()> {
     spec.validate()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let ids = tokenizer::write(&out.join("tokenizer.json"), spec.tokenizer_vocab)?;
+    let ids = match spec.tokenizer {
+        SynthTokenizer::Json => tokenizer::write(&out.join("tokenizer.json"), spec.tokenizer_vocab)?,
+        SynthTokenizer::SentencePiece => {
+            spm::write(out, spec.tokenizer_vocab, spec.layout != CheckpointLayout::Original)?
+        }
+    };
     let vocab = spec.vocab_size.unwrap_or(ids.len + 5);
     if vocab < ids.len {
         return Err(Error::Invalid(format!("vocab size {vocab} is smaller than the tokenizer's {}", ids.len)));

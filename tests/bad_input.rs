@@ -373,7 +373,7 @@ fn sharded_checkpoint_missing_shard() {
     let s = scene();
     let names = shard(&s.ckpt);
     std::fs::remove_file(s.ckpt.join(&names[1])).unwrap();
-    assert!(matches!(fails(&s, &[&names[1]]), Error::Io { .. }));
+    assert!(matches!(fails(&s, &[&names[1], "model.safetensors.index.json"]), Error::MissingShard { .. }));
 }
 
 #[test]

@@ -3,12 +3,14 @@
 //! manifest; calibration runs the graphs on exactly the same inputs.
 //!
 //! May depend on `checkpoint` and `vl_runtime`'s manifest types; nothing that builds graphs.
+use std::path::Path;
+
 use vl_runtime::manifest::{
-    ChatTemplate, CheckpointLayout, FrameSamplingRule, PlaceholderStyle, Preprocess, SpecialTokens,
+    ChatTemplate, CheckpointLayout, FrameSamplingRule, GenerationDefaults, PlaceholderStyle, Preprocess, SpecialTokens,
 };
 use vl_runtime::preprocess::{CLIP_MEAN, CLIP_STD, PreprocessConfig, PreprocessRecipe, Resample};
 
-use crate::checkpoint::{Checkpoint, IMAGE_MARKER};
+use crate::checkpoint::{Checkpoint, GENERATION_CONFIG_FILE, GenerationConfig, IMAGE_MARKER};
 use crate::error::{Error, Result};
 
 /// Frames per video in Video-LLaVA.
@@ -23,8 +25,10 @@ pub struct MediaContract {
     pub preprocess: Preprocess,
     /// How prompts are laid out.
     pub chat_template: ChatTemplate,
-    /// Special token ids.
+    /// Special token ids (`generation_config.json`'s where it gives them).
     pub tokens: SpecialTokens,
+    /// Default sampling from `generation_config.json`, if it sets any.
+    pub generation: Option<GenerationDefaults>,
 }
 
 impl MediaContract {
@@ -38,11 +42,36 @@ impl MediaContract {
         } else {
             (preprocess_config(ck, assumptions)?, PreprocessRecipe::HfProcessor, hf_chat_template())
         };
+        let mut tokens =
+            SpecialTokens { bos: t.bos, eos: t.eos, pad: t.pad, image: c.image_token, video: c.video_token };
+        let generation = match GenerationConfig::load(&ck.dir)? {
+            Some(g) => {
+                apply_generation_tokens(&g, &mut tokens, assumptions);
+                g.has_sampling().then_some(g.sampling)
+            }
+            None => None,
+        };
         Ok(Self {
             preprocess: Preprocess { frames, sampling: FrameSamplingRule::LinspaceTruncate, image, recipe },
             chat_template,
-            tokens: SpecialTokens { bos: t.bos, eos: t.eos, pad: t.pad, image: c.image_token, video: c.video_token },
+            tokens,
+            generation,
         })
+    }
+}
+
+/// `generation_config.json`'s token ids win over `config.json`'s, as in `generate()`.
+fn apply_generation_tokens(g: &GenerationConfig, tokens: &mut SpecialTokens, assumptions: &mut Vec<String>) {
+    tokens.bos = g.bos.unwrap_or(tokens.bos);
+    tokens.pad = g.pad.or(tokens.pad);
+    if let Some((&first, rest)) = g.eos.as_deref().and_then(<[u32]>::split_first) {
+        tokens.eos = first;
+        if !rest.is_empty() {
+            assumptions.push(format!(
+                "{GENERATION_CONFIG_FILE}: eos_token_id {:?}: answers end at {first} only (the engine has one eos)",
+                g.eos.as_deref().unwrap_or_default()
+            ));
+        }
     }
 }
 
@@ -102,25 +131,76 @@ fn original_preprocess_config(ck: &Checkpoint, assumptions: &mut Vec<String>) ->
     }
 }
 
-/// Preprocessing from `preprocessor_config.json` when present; CLIP's defaults otherwise.
+/// `VideoLlavaImageProcessor`'s defaults for what `preprocessor_config.json` leaves out
+/// (`size.shortest_edge`, `crop_size`: 224; bicubic; `1/255`; OpenAI CLIP mean/std).
+pub const PROCESSOR_DEFAULT_SIDE: u32 = 224;
+
+/// The image processor's file; videos follow it when there is no [`VIDEO_PROCESSOR_FILE`].
+pub const IMAGE_PROCESSOR_FILE: &str = "preprocessor_config.json";
+/// The video processor's file (transformers 4.5x+ writes it; the published 7B has none).
+pub const VIDEO_PROCESSOR_FILE: &str = "video_preprocessor_config.json";
+
+/// Preprocessing from `preprocessor_config.json` when present; CLIP's defaults at the tower's
+/// side otherwise. Without `video_preprocessor_config.json`, video frames follow the image
+/// processor's settings, as transformers does (`VideoLlavaImageProcessor` preprocesses videos
+/// in 4.x; 5.x's video processor loads `preprocessor_config.json` when its own file is
+/// missing); with one, it must agree, the engine having one recipe for both.
 fn preprocess_config(ck: &Checkpoint, assumptions: &mut Vec<String>) -> Result<PreprocessConfig> {
     let side = ck.config.vision.image_size as u32;
+    let path = ck.dir.join(IMAGE_PROCESSOR_FILE);
+    if !path.is_file() {
+        assumptions.push(format!("no {IMAGE_PROCESSOR_FILE}: CLIP mean/std, bicubic, shortest edge {side}"));
+        return Ok(PreprocessConfig {
+            size: side,
+            crop: side,
+            mean: CLIP_MEAN,
+            std: CLIP_STD,
+            rescale: 1.0 / 255.0,
+            resample: Resample::Bicubic,
+        });
+    }
+    let cfg = read_processor(&path)?;
+    if cfg.crop as usize != ck.config.vision.image_size {
+        return Err(Error::Config {
+            path,
+            message: format!(
+                "crop size {} differs from the tower's image_size {}",
+                cfg.crop, ck.config.vision.image_size
+            ),
+        });
+    }
+    let video_path = ck.dir.join(VIDEO_PROCESSOR_FILE);
+    if !video_path.is_file() {
+        assumptions
+            .push(format!("no {VIDEO_PROCESSOR_FILE}: video frames use {IMAGE_PROCESSOR_FILE}, as transformers does"));
+        return Ok(cfg);
+    }
+    let video = read_processor(&video_path)?;
+    if video != cfg {
+        return Err(Error::Config {
+            path: video_path,
+            message: format!(
+                "video preprocessing {video:?} differs from {IMAGE_PROCESSOR_FILE}'s {cfg:?}; an engine has one \
+                 preprocessing config for images and frames"
+            ),
+        });
+    }
+    Ok(cfg)
+}
+
+/// One processor config file, with `VideoLlavaImageProcessor`'s defaults for what it omits.
+fn read_processor(path: &Path) -> Result<PreprocessConfig> {
     let mut cfg = PreprocessConfig {
-        size: side,
-        crop: side,
+        size: PROCESSOR_DEFAULT_SIDE,
+        crop: PROCESSOR_DEFAULT_SIDE,
         mean: CLIP_MEAN,
         std: CLIP_STD,
         rescale: 1.0 / 255.0,
         resample: Resample::Bicubic,
     };
-    let path = ck.dir.join("preprocessor_config.json");
-    if !path.is_file() {
-        assumptions.push(format!("no preprocessor_config.json: CLIP mean/std, bicubic, shortest edge {side}"));
-        return Ok(cfg);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Config { path: path.clone(), message: e.to_string() })?;
+        serde_json::from_str(&text).map_err(|e| Error::Config { path: path.into(), message: e.to_string() })?;
     if let Some(s) = v.pointer("/size/shortest_edge").and_then(|s| s.as_u64()) {
         cfg.size = s as u32;
     }
@@ -145,17 +225,11 @@ fn preprocess_config(ck: &Checkpoint, assumptions: &mut Vec<String>) -> Result<P
         Some(2) => Resample::Bilinear,
         Some(3) | None => Resample::Bicubic,
         Some(other) => {
-            return Err(Error::Config { path, message: format!("resample {other} is not supported (2, 3 are)") });
+            return Err(Error::Config {
+                path: path.into(),
+                message: format!("resample {other} is not supported (2, 3 are)"),
+            });
         }
     };
-    if cfg.crop as usize != ck.config.vision.image_size {
-        return Err(Error::Config {
-            path,
-            message: format!(
-                "crop size {} differs from the tower's image_size {}",
-                cfg.crop, ck.config.vision.image_size
-            ),
-        });
-    }
     Ok(cfg)
 }

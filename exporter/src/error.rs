@@ -22,6 +22,27 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A `config.json` (or processor/generation config) field has the wrong JSON type.
+    #[error("{path}: {field}: expected {expected}, found {found}")]
+    ConfigType {
+        /// The config file.
+        path: PathBuf,
+        /// The field, with its section (`text_config.hidden_size`).
+        field: String,
+        /// What the field must hold (`an integer`).
+        expected: &'static str,
+        /// The value found, as JSON.
+        found: String,
+    },
+    /// The config's dimensions cannot describe a model (heads that do not divide the width,
+    /// a patch that does not tile the image, zero layers).
+    #[error("{path}: {message}")]
+    ConfigDims {
+        /// The config file.
+        path: PathBuf,
+        /// Which fields disagree, with their values.
+        message: String,
+    },
     /// The checkpoint is not a Video-LLaVA model this exporter knows.
     #[error("{path}: unsupported architecture {found:?} (expected VideoLlavaForConditionalGeneration)")]
     UnknownArchitecture {
@@ -37,6 +58,35 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong, naming the tensor at fault where one can be found.
         message: String,
+    },
+    /// A PyTorch `.bin` checkpoint is malformed or holds what the exporter cannot read
+    /// (truncated zip, compressed entries, a bad pickle, non-contiguous strides).
+    #[error("{path}: not a readable PyTorch checkpoint: {message}")]
+    TorchCheckpoint {
+        /// The `.bin` file.
+        path: PathBuf,
+        /// What is wrong, naming the entry or tensor at fault.
+        message: String,
+    },
+    /// A PyTorch checkpoint's pickle names a global outside what `torch.load(weights_only=True)`
+    /// accepts; it was refused before anything could run.
+    #[error(
+        "{path}: refused: its pickle calls {global}, which is not a tensor, storage or container type \
+         (only what torch.load(weights_only=True) accepts is read; nothing was executed)"
+    )]
+    UnsafePickle {
+        /// The `.bin` file.
+        path: PathBuf,
+        /// The refused global, as `module.name` (`posix.system`).
+        global: String,
+    },
+    /// A shard index names a file that is not in the checkpoint directory.
+    #[error("{index}: names shard {shard}, which does not exist")]
+    MissingShard {
+        /// The missing shard.
+        shard: PathBuf,
+        /// The index file naming it.
+        index: PathBuf,
     },
     /// A tensor the model needs is not in the checkpoint.
     #[error("tensor {name} is missing from the checkpoint in {dir}")]
@@ -63,6 +113,23 @@ pub enum Error {
         name: String,
         /// Its dtype.
         dtype: String,
+    },
+    /// `tokenizer.model` is not a SentencePiece model (truncated, corrupt, no pieces).
+    #[error("{path}: not a valid SentencePiece model: {message}")]
+    SentencePiece {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// `tokenizer.model` is a SentencePiece model of a kind the conversion does not handle
+    /// (only BPE, as LLaMA's, is converted).
+    #[error("{path}: SentencePiece {model_type} models are not supported (only BPE, as LLaMA uses)")]
+    UnsupportedSentencePiece {
+        /// The model file.
+        path: PathBuf,
+        /// Its `trainer_spec.model_type` (UNIGRAM, WORD, CHAR).
+        model_type: String,
     },
     /// The tokenizer could not be built or read.
     #[error("tokenizer: {0}")]

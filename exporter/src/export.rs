@@ -89,10 +89,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
         }
         plan = plan.with_calibration(calibration)?;
     }
-    let tokenizer_src = opts.model.join(TOKENIZER_FILE);
-    if !tokenizer_src.is_file() {
-        return Err(Error::Invalid(format!("{}: missing (the engine needs the tokenizer)", tokenizer_src.display())));
-    }
+    let tokenizer_src = ck.tokenizer_source()?;
     check_destination(&opts.out)?;
     let parent = parent_dir(&opts.out);
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
@@ -116,8 +113,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
         entries.try_into().map_err(|_| Error::Invalid("graph count mismatch".into()))?;
 
     let tokenizer_dst = tmp.path().join(TOKENIZER_FILE);
-    std::fs::copy(&tokenizer_src, &tokenizer_dst).map_err(|e| Error::io(&tokenizer_dst, e))?;
-    let manifest = manifest(&ck, opts, &plan, Graphs { vision, image, embed, decoder })?;
+    let tokenizer_note = tokenizer_src.write_engine_file(&tokenizer_dst)?;
+    let mut manifest = manifest(&ck, opts, &plan, Graphs { vision, image, embed, decoder })?;
+    manifest.assumptions.extend(tokenizer_note);
     manifest.save(tmp.path())?;
     move_into_place(tmp, &opts.out)?;
     Ok(BuildReport { manifest, graphs: timings, elapsed: started.elapsed(), notice: ck.notice.clone() })
@@ -258,6 +256,7 @@ fn manifest(ck: &Checkpoint, opts: &BuildOptions, plan: &Plan, graphs: Graphs) -
         preprocess: media.preprocess,
         max_sequence_length: t.max_positions,
         tokenizer: TOKENIZER_FILE.into(),
+        generation: media.generation,
         assumptions,
         numerics: plan.notes(),
     })

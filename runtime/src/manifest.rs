@@ -39,6 +39,10 @@ pub struct Manifest {
     pub max_sequence_length: usize,
     /// The tokenizer file, relative to the engine directory.
     pub tokenizer: String,
+    /// Default sampling from the checkpoint's `generation_config.json`, if it has one. Optional:
+    /// manifests written before it load with `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<GenerationDefaults>,
     /// Choices made where the checkpoint was silent, one line each.
     #[serde(default)]
     pub assumptions: Vec<String>,
@@ -304,6 +308,27 @@ pub struct SpecialTokens {
     pub image: u32,
     /// The video placeholder.
     pub video: u32,
+}
+
+/// Default sampling settings a checkpoint ships (`generation_config.json`); each `None` where
+/// the file leaves it out (transformers' `GenerationConfig` then uses greedy decoding).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GenerationDefaults {
+    /// `do_sample`: sample rather than decode greedily.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub do_sample: Option<bool>,
+    /// `temperature`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// `top_p`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// `top_k`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// `max_new_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
 }
 
 /// How prompts are laid out (llava_v1 style in the Hugging Face port).

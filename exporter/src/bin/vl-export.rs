@@ -9,7 +9,7 @@ use vl_export::export::{BuildOptions, build};
 use vl_export::quant::calibrate::CalibOptions;
 use vl_export::quant::fusion::fusion_report;
 use vl_export::quant::stats::Method;
-use vl_export::synth::{Preset, SynthSpec, WeightDtype, synthesize};
+use vl_export::synth::{Preset, SynthSpec, SynthTokenizer, WeightDtype, WeightsFormat, synthesize};
 use vl_runtime::manifest::{CheckpointLayout, Precision, Target};
 
 #[derive(Parser)]
@@ -23,7 +23,7 @@ struct Cli {
 enum Command {
     /// Export a checkpoint directory to an engine directory.
     Build {
-        /// Checkpoint directory (config.json, safetensors, tokenizer.json).
+        /// Checkpoint directory (config.json, safetensors, tokenizer.json or tokenizer.model).
         #[arg(long, env = "VL_MODEL")]
         model: PathBuf,
         /// Engine directory to write (replaced if it already holds an engine).
@@ -95,6 +95,19 @@ enum Command {
         /// Video-LLaVA checkpoint (with LanguageBind tower configs and temporal attention).
         #[arg(long, value_enum)]
         layout: Option<LayoutArg>,
+        /// Write the published LanguageBind/Video-LLaVA-7B-hf shape: a sparse config.json
+        /// (transformers' defaults left out), transformers 4 names in safetensors shards with an
+        /// index, no video_preprocessor_config.json, a generation_config.json.
+        #[arg(long, conflicts_with = "layout")]
+        published: bool,
+        /// Weight files: `model.safetensors`, or PyTorch `.bin` shards with
+        /// `pytorch_model.bin.index.json` (read by `torch.load(weights_only=True)`).
+        #[arg(long, value_enum, default_value_t = WeightsFormatArg::Safetensors)]
+        weights_format: WeightsFormatArg,
+        /// Tokenizer file: tokenizer.json, or SentencePiece's tokenizer.model only (as the
+        /// published checkpoints may ship it).
+        #[arg(long, value_enum, default_value = "json")]
+        tokenizer: TokenizerArg,
     },
     /// Compare an engine with a reference engine (accuracy of a precision): video-feature cosine,
     /// KL and top-1 agreement of next-token distributions, perplexity, greedy common prefix.
@@ -119,6 +132,14 @@ enum LayoutArg {
     #[value(name = "hf-v4")]
     HfV4,
     Original,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TokenizerArg {
+    /// tokenizer.json.
+    Json,
+    /// tokenizer.model (SentencePiece) only.
+    Spm,
 }
 
 /// Calibration of `--precision int8`.
@@ -244,6 +265,12 @@ enum PresetArg {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum WeightsFormatArg {
+    Safetensors,
+    Bin,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum DtypeArg {
     F32,
     F16,
@@ -331,6 +358,9 @@ fn run() -> Result<()> {
             dtype,
             v4_names,
             layout,
+            published,
+            weights_format,
+            tokenizer,
         } => {
             let preset = match preset {
                 PresetArg::Tiny => Preset::Tiny,
@@ -350,9 +380,10 @@ fn run() -> Result<()> {
                     DtypeArg::Bf16 => WeightDtype::Bf16,
                 };
             }
-            if v4_names {
+            if v4_names || published {
                 spec.layout = CheckpointLayout::HfV4;
             }
+            spec.published = published;
             if let Some(layout) = layout {
                 spec.layout = match layout {
                     LayoutArg::HfV5 => CheckpointLayout::HfV5,
@@ -360,6 +391,14 @@ fn run() -> Result<()> {
                     LayoutArg::Original => CheckpointLayout::Original,
                 };
             }
+            spec.weights_format = match weights_format {
+                WeightsFormatArg::Safetensors => WeightsFormat::Safetensors,
+                WeightsFormatArg::Bin => WeightsFormat::TorchBin,
+            };
+            spec.tokenizer = match tokenizer {
+                TokenizerArg::Json => SynthTokenizer::Json,
+                TokenizerArg::Spm => SynthTokenizer::SentencePiece,
+            };
             synthesize(&spec, &out)?;
             println!("wrote a {:?} checkpoint to {}", preset, out.display());
         }

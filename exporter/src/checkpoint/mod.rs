@@ -1,14 +1,28 @@
 //! Reading Video-LLaVA checkpoints: config, tensor store, and the name layout (the Hugging Face
-//! port, or the original `LlavaLlamaForCausalLM` checkpoint, told apart by `config.json`).
+//! port, or the original `LlavaLlamaForCausalLM` checkpoint, told apart by `config.json`), and
+//! the tokenizer (`tokenizer.json`, or SentencePiece's `tokenizer.model` converted). Weights
+//! are safetensors or PyTorch `.bin` zips, read without running any pickled code.
 mod config;
+mod generation;
 mod original;
 mod safetensors_store;
+mod shards;
+mod torch_pickle;
+mod torch_store;
+#[cfg(test)]
+mod torch_tests;
+mod torch_zip;
+pub mod sentencepiece;
+pub mod tokenizer_convert;
 
 use std::path::{Path, PathBuf};
 
-pub use config::{Activation, ModelConfig, Rope, SelectStrategy, Temporal, TextConfig, VisionConfig};
+pub use config::{Activation, ModelConfig, Rope, SelectStrategy, Temporal, TextConfig, VisionConfig, defaults};
+pub use generation::{GENERATION_CONFIG_FILE, GenerationConfig};
 pub use original::{IMAGE_MARKER, ORIGINAL_ARCHITECTURE, TowerDirs};
 pub use safetensors_store::TensorStore;
+pub use shards::WeightsFormat;
+use tokenizer_convert::{SpmSemantics, TokenizerSource};
 use vl_runtime::manifest::CheckpointLayout;
 
 use crate::error::{Error, Result};
@@ -71,6 +85,13 @@ fn find_root(store: &TensorStore, candidates: &[&str], probe: &str) -> Option<St
 }
 
 impl Checkpoint {
+    /// Where the engine's tokenizer comes from: `tokenizer.json`, else `tokenizer.model` read as
+    /// the layout's code reads it (the fast tokenizer for the port, the slow one for the original).
+    pub fn tokenizer_source(&self) -> Result<TokenizerSource> {
+        let semantics = if self.layout == CheckpointLayout::Original { SpmSemantics::Slow } else { SpmSemantics::Fast };
+        TokenizerSource::find(&self.dir, semantics)
+    }
+
     /// Opens the checkpoint in `dir` and works out its layout.
     pub fn open(dir: &Path) -> Result<Self> {
         Self::open_with(dir, &TowerDirs::default())

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use vl_runtime::manifest::CheckpointLayout;
 
-use super::config::{Activation, ModelConfig, RawText, RawVision, SelectStrategy, Temporal, VisionConfig};
+use super::config::{Activation, Fields, ModelConfig, RawText, RawVision, SelectStrategy, Temporal, VisionConfig};
+use super::tokenizer_convert::{SpmSemantics, TokenizerSource};
 use super::{Checkpoint, Roots, TensorStore, find_root};
 use crate::error::{Error, Result};
 
@@ -46,8 +47,6 @@ pub fn is_original(config: &serde_json::Value) -> bool {
 struct RawOriginal {
     #[serde(default)]
     architectures: Vec<String>,
-    #[serde(flatten)]
-    text: RawText,
     #[serde(default)]
     mm_video_tower: Option<String>,
     #[serde(default)]
@@ -85,12 +84,15 @@ fn default_frames() -> usize {
 /// level or under `vision_config` (as `LanguageBindVideoConfig` writes them).
 #[derive(Deserialize)]
 struct RawTower {
-    #[serde(flatten)]
-    vision: RawVision,
     #[serde(default)]
     add_time_attn: bool,
     #[serde(default = "default_frames")]
     num_frames: usize,
+}
+
+/// A LanguageBind tower's CLIP vision fields (its `model_type` names the LanguageBind config).
+fn tower_vision(vision: &serde_json::Value, file: &Path, prefix: &str) -> Result<RawVision> {
+    Ok(RawVision { model_type: None, ..RawVision::read(&Fields::of(vision, prefix, file)?)? })
 }
 
 /// Which tower, for names and messages.
@@ -118,6 +120,9 @@ impl Tower {
 /// Opens an original-layout checkpoint whose `config.json` (at `path`) is `value`.
 pub(super) fn open(dir: &Path, path: &Path, value: serde_json::Value, towers: &TowerDirs) -> Result<Checkpoint> {
     let bad = |message: String| Error::Config { path: path.to_path_buf(), message };
+    // `LlavaConfig` extends `LlamaConfig`: the LLaMA fields sit at the top level, with its defaults
+    // (the top-level `model_type` is `llava`, not the text model's).
+    let raw_text = RawText { model_type: None, ..RawText::read(&Fields::of(&value, "", path)?)? };
     let raw: RawOriginal = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
     if raw.mm_video_tower.is_none() {
         return Err(bad("no mm_video_tower: a LLaVA checkpoint without a video tower is not Video-LLaVA".into()));
@@ -133,7 +138,7 @@ pub(super) fn open(dir: &Path, path: &Path, value: serde_json::Value, towers: &T
         "cls_patch" => SelectStrategy::Full,
         other => return Err(bad(format!("mm_vision_select_feature {other:?} (patch or cls_patch)"))),
     };
-    let text = raw.text.resolve(path, "", None)?;
+    let text = raw_text.resolve(path, "", None)?;
     let store = TensorStore::open(dir)?;
     let missing = |probe: &str| Error::MissingTensor { name: probe.to_string(), dir: dir.to_path_buf() };
     let root = |name: &str| {
@@ -206,6 +211,8 @@ pub(super) fn open(dir: &Path, path: &Path, value: serde_json::Value, towers: &T
             text.max_positions
         ));
     }
+    let (image_seq_length, video_seq_length) =
+        (image.grid() * image.grid(), video.tokens() * video.temporal.map_or(8, |t| t.frames));
     let config = ModelConfig {
         architecture: raw.architectures.first().cloned().unwrap_or_else(|| ORIGINAL_ARCHITECTURE.into()),
         vision: video,
@@ -217,6 +224,8 @@ pub(super) fn open(dir: &Path, path: &Path, value: serde_json::Value, towers: &T
         video_token: placeholder,
         projector_act: Activation::Gelu,
         projector_bias: true,
+        image_seq_length,
+        video_seq_length,
     };
     config.check_feature_layers(&config.vision, "video tower", path)?;
     config.check_feature_layers(&config.image_vision, "image tower", path)?;
@@ -250,13 +259,10 @@ pub(super) fn open(dir: &Path, path: &Path, value: serde_json::Value, towers: &T
 /// the vocabulary; the engine's embedding lookup needs a real row, so `<unk>` stands in (its
 /// embedding is always replaced by visual features, and text never encodes to it).
 fn placeholder_id(dir: &Path, text: &super::TextConfig, assumptions: &mut Vec<String>) -> Result<u32> {
-    let path = dir.join("tokenizer.json");
-    let unk = if path.is_file() {
-        let tok = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        tok.token_to_id("<unk>")
-    } else {
-        None
+    let path = dir.join("config.json");
+    let unk = match TokenizerSource::find(dir, SpmSemantics::Slow) {
+        Ok(source) => source.load()?.token_to_id("<unk>"),
+        Err(_) => None,
     };
     let (id, what) = match (unk, text.pad) {
         (Some(id), _) => (id, "<unk>"),
@@ -325,8 +331,9 @@ impl TowerContext<'_> {
             Some(v) => ("vision_config.", v.clone()),
             None => ("", value),
         };
+        let raw_vision = tower_vision(&vision, file, prefix)?;
         let raw: RawTower = serde_json::from_value(vision).map_err(|e| bad(e.to_string()))?;
-        let mut cfg = raw.vision.resolve(file, prefix)?;
+        let mut cfg = raw_vision.resolve(file, prefix)?;
         if raw.add_time_attn {
             if raw.num_frames == 0 {
                 return Err(bad(format!("{prefix}num_frames must be positive")));
@@ -438,7 +445,8 @@ mod tests {
             serde_json::from_value(nested["vision_config"].clone()).map_err(|e| Error::Invalid(e.to_string()))?;
         assert!(raw.add_time_attn);
         assert_eq!(raw.num_frames, 8);
-        let cfg = raw.vision.resolve(Path::new("config.json"), "vision_config.")?;
+        let cfg = tower_vision(&nested["vision_config"], Path::new("config.json"), "vision_config.")?
+            .resolve(Path::new("config.json"), "vision_config.")?;
         assert_eq!(cfg.act, Activation::Gelu);
         assert_eq!(cfg.tokens(), 17);
         Ok(())

@@ -1,4 +1,5 @@
-//! Memory-mapped safetensors shards (single file or sharded with an index), read tensor by tensor.
+//! Memory-mapped weight shards, safetensors or PyTorch `.bin` (single file or sharded with an
+//! index), read tensor by tensor.
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -7,6 +8,8 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 
+use super::shards::{self, Located, WeightsFormat};
+use super::torch_store;
 use crate::error::{Error, Result};
 
 struct Shard {
@@ -25,30 +28,9 @@ struct Entry {
 /// All tensors of a checkpoint directory, memory-mapped; nothing is read until asked for.
 pub struct TensorStore {
     dir: PathBuf,
+    format: WeightsFormat,
     shards: Vec<Shard>,
     entries: HashMap<String, Entry>,
-}
-
-fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join("model.safetensors.index.json");
-    if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::Config { path: index.clone(), message: e.to_string() })?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::Config { path: index.clone(), message: "no weight_map object".into() })?;
-        let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
-        files.sort();
-        files.dedup();
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
-    }
-    let single = dir.join("model.safetensors");
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    Err(Error::Invalid(format!("{}: no model.safetensors and no model.safetensors.index.json", dir.display())))
 }
 
 /// Why the safetensors parser rejected `file`, naming the tensor at fault where one can be found.
@@ -87,37 +69,56 @@ fn explain(file: &[u8], err: safetensors::SafeTensorError) -> String {
     }
 }
 
+/// Name, dtype, shape and byte range of every tensor of the safetensors file `map` (at `path`).
+fn safetensors_entries(path: &Path, map: &[u8]) -> Result<Vec<(String, Located)>> {
+    let bad =
+        |e: safetensors::SafeTensorError| Error::Safetensors { path: path.to_path_buf(), message: explain(map, e) };
+    let (header_len, metadata) = SafeTensors::read_metadata(map).map_err(bad)?;
+    let base = 8 + header_len;
+    let mut out = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let (start, end) = info.data_offsets;
+        if base + end > map.len() {
+            return Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                message: format!("tensor {name} ends past the end of the file"),
+            });
+        }
+        out.push((
+            name,
+            Located { dtype: info.dtype, shape: info.shape.clone(), start: base + start, end: base + end },
+        ));
+    }
+    Ok(out)
+}
+
 impl TensorStore {
     /// Maps every shard of the checkpoint in `dir` and indexes its tensors.
     pub fn open(dir: &Path) -> Result<Self> {
+        let found = shards::find(dir)?;
         let mut shards = Vec::new();
         let mut entries = HashMap::new();
-        for path in shard_files(dir)? {
+        for path in found.files {
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: the map is read-only; a checkpoint changed on disk while we export is
             // the user's race, and at worst gives wrong weights, never memory unsafety in Rust.
             let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-            let bad =
-                |e: safetensors::SafeTensorError| Error::Safetensors { path: path.clone(), message: explain(&map, e) };
-            let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(bad)?;
-            let base = 8 + header_len;
             let shard = shards.len();
-            for (name, info) in metadata.tensors() {
-                let (start, end) = info.data_offsets;
-                if base + end > map.len() {
-                    return Err(Error::Safetensors {
-                        path: path.clone(),
-                        message: format!("tensor {name} ends past the end of the file"),
-                    });
-                }
-                entries.insert(
-                    name,
-                    Entry { shard, dtype: info.dtype, shape: info.shape.clone(), start: base + start, end: base + end },
-                );
+            let found = match found.format {
+                WeightsFormat::Safetensors => safetensors_entries(&path, &map)?,
+                WeightsFormat::TorchBin => torch_store::read(&path, &map)?,
+            };
+            for (name, Located { dtype, shape, start, end }) in found {
+                entries.insert(name, Entry { shard, dtype, shape, start, end });
             }
             shards.push(Shard { path, map });
         }
-        Ok(Self { dir: dir.to_path_buf(), shards, entries })
+        Ok(Self { dir: dir.to_path_buf(), format: found.format, shards, entries })
+    }
+
+    /// The format of the checkpoint's weight files.
+    pub fn format(&self) -> WeightsFormat {
+        self.format
     }
 
     /// Whether the checkpoint holds `name`.

@@ -21,7 +21,6 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue, SessionOutputs};
 use ort::value::{Tensor, TensorRef};
 use sha2::{Digest, Sha256};
-use tokenizers::Tokenizer;
 use vl_runtime::generate::features_2d;
 use vl_runtime::manifest::{ChatTemplate, KvLayout, Preprocess, SpecialTokens};
 use vl_runtime::prompt::{PromptBuilder, VisualSlot};
@@ -169,7 +168,9 @@ pub fn key(ck: &Checkpoint, spec: &CalibSpec) -> Result<String> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            name.ends_with(".safetensors") || name == "tokenizer.json" || name == "config.json"
+            name.ends_with(".safetensors")
+                || ["tokenizer.json", "tokenizer.model", "tokenizer_config.json", "added_tokens.json", "config.json"]
+                    .contains(&name)
         })
         .collect();
     files.sort();
@@ -432,8 +433,7 @@ fn samples(
     template: &ChatTemplate,
     tokens: &SpecialTokens,
 ) -> Result<Vec<Sample>> {
-    let path = ck.dir.join(crate::contract::TOKENIZER_FILE);
-    let tokenizer = Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+    let tokenizer = ck.tokenizer_source()?.load()?;
     let builder = PromptBuilder::new(&tokenizer, template, tokens);
     let mut out = Vec::new();
     for i in 0..spec.samples {
@@ -473,7 +473,8 @@ fn samples(
 fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> Result<QuantTable> {
     let work =
         tempfile::Builder::new().prefix("vl-calib-").tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    let MediaContract { preprocess: pre, chat_template: template, tokens } = MediaContract::of(ck, &mut Vec::new())?;
+    let MediaContract { preprocess: pre, chat_template: template, tokens, .. } =
+        MediaContract::of(ck, &mut Vec::new())?;
     let px = pixels(spec, &pre, work.path())?;
     let passes: u64 = if spec.method.needs_histogram() { 2 } else { 1 };
     let per_pass = (px.videos.len() + px.images.len() + spec.samples + spec.texts.len()) as u64;

@@ -5,14 +5,14 @@ use std::path::Path;
 use serde_json::json;
 use vl_runtime::manifest::CheckpointLayout;
 
-use super::SynthSpec;
 use super::tokenizer::SpecialIds;
+use super::{SynthSpec, SynthTokenizer};
 use crate::error::{Error, Result};
 
-const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
-const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+pub(super) const CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+pub(super) const CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
-fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
+pub(super) fn write_json(dir: &Path, name: &str, value: &serde_json::Value) -> Result<()> {
     let path = dir.join(name);
     let text = serde_json::to_string_pretty(value).map_err(|e| Error::Invalid(e.to_string()))?;
     std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
@@ -52,7 +52,7 @@ pub fn write_configs(s: &SynthSpec, ids: &SpecialIds, vocab: usize, out: &Path) 
         text["rope_parameters"] = rope;
     }
     let tokens_per_frame = (s.image_size / s.patch_size).pow(2) + 1;
-    let config = json!({
+    let mut config = json!({
         "architectures": ["VideoLlavaForConditionalGeneration"],
         "model_type": "video_llava",
         "dtype": match s.dtype { super::WeightDtype::F32 => "float32", super::WeightDtype::F16 => "float16", super::WeightDtype::Bf16 => "bfloat16" },
@@ -74,8 +74,14 @@ pub fn write_configs(s: &SynthSpec, ids: &SpecialIds, vocab: usize, out: &Path) 
             "num_channels": 3, "projection_dim": s.vision_hidden,
         },
     });
+    if s.published {
+        config = super::published::sparse_config(&config);
+        write_json(out, "config.json", &config)?;
+        super::published::write_processor_and_generation(s, ids, out)?;
+        return tokenizer_files(s, ids, out);
+    }
     write_json(out, "config.json", &config)?;
-    processor_files(s, out)
+    processor_files(s, ids, out)
 }
 
 /// Where the original layout's tower configs go: `mm_*_tower` names a hub repository, whose last
@@ -116,7 +122,7 @@ fn write_original_configs(s: &SynthSpec, ids: &SpecialIds, vocab: usize, out: &P
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         write_json(&dir, "config.json", &languagebind_tower_config(s, temporal))?;
     }
-    tokenizer_files(s, out)
+    tokenizer_files(s, ids, out)
 }
 
 /// A LanguageBind tower's `config.json` (`LanguageBindVideoConfig` / `LanguageBindImageConfig`:
@@ -144,7 +150,7 @@ fn dtype_name(s: &SynthSpec) -> &'static str {
     }
 }
 
-fn processor_files(s: &SynthSpec, out: &Path) -> Result<()> {
+fn processor_files(s: &SynthSpec, ids: &SpecialIds, out: &Path) -> Result<()> {
     let side = s.image_size;
     let image_processor = json!({
         "image_processor_type": "CLIPImageProcessor",
@@ -170,15 +176,25 @@ fn processor_files(s: &SynthSpec, out: &Path) -> Result<()> {
             "num_additional_image_tokens": 1,
         }),
     )?;
-    tokenizer_files(s, out)
+    tokenizer_files(s, ids, out)
 }
 
-fn tokenizer_files(s: &SynthSpec, out: &Path) -> Result<()> {
+fn tokenizer_files(s: &SynthSpec, ids: &SpecialIds, out: &Path) -> Result<()> {
+    let class = match s.tokenizer {
+        SynthTokenizer::Json => "PreTrainedTokenizerFast",
+        // The original checkpoint ships tokenizer.model alone.
+        SynthTokenizer::SentencePiece if s.layout == CheckpointLayout::Original => return Ok(()),
+        SynthTokenizer::SentencePiece => {
+            let added = json!({"<image>": ids.image, "<video>": ids.video, "<pad>": ids.pad});
+            write_json(out, "added_tokens.json", &added)?;
+            "LlamaTokenizer"
+        }
+    };
     write_json(
         out,
         "tokenizer_config.json",
         &json!({
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+            "tokenizer_class": class, "bos_token": "<s>", "eos_token": "</s>",
             "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": s.max_positions,
             "add_bos_token": true, "add_eos_token": false, "clean_up_tokenization_spaces": false,
         }),

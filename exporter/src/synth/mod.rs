@@ -1,14 +1,22 @@
 //! `vl-export synth`: complete checkpoints (Hugging Face port or original layout) with random weights, for
 //! tests, demos and benchmarks (real weights cannot be downloaded here).
 mod files;
+mod published;
+mod spm;
 pub mod tokenizer;
+pub mod torch_bin;
+mod torch_zip_writer;
 mod weights;
 
 use std::path::Path;
 
 use vl_runtime::manifest::CheckpointLayout;
 
+pub use crate::checkpoint::WeightsFormat;
 use crate::error::{Error, Result};
+
+/// A tensor to write: name, shape, little-endian bytes.
+pub type NamedTensor = (String, Vec<usize>, Vec<u8>);
 
 /// Named sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +38,17 @@ pub enum WeightDtype {
     F16,
     /// bfloat16 (what the published checkpoints use).
     Bf16,
+}
+
+/// The tokenizer file a synthesized checkpoint ships.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SynthTokenizer {
+    /// `tokenizer.json` (byte-level BPE).
+    #[default]
+    Json,
+    /// SentencePiece's `tokenizer.model` only, as the published checkpoints may ship it (with
+    /// `added_tokens.json` for the placeholders in the Hugging Face layout).
+    SentencePiece,
 }
 
 /// Everything that defines a synthesized checkpoint.
@@ -75,8 +94,17 @@ pub struct SynthSpec {
     pub dtype: WeightDtype,
     /// Tensor-name layout.
     pub layout: CheckpointLayout,
+    /// File format of the weights: `model.safetensors`, or two `.bin` shards with
+    /// `pytorch_model.bin.index.json` (as the original Video-LLaVA release ships them).
+    pub weights_format: WeightsFormat,
     /// RNG seed.
     pub seed: u64,
+    /// The published `LanguageBind/Video-LLaVA-7B-hf` shape: sparse `config.json`,
+    /// transformers-4 names in two shards with an index, no `video_preprocessor_config.json`,
+    /// a `generation_config.json` (forces the `HfV4` layout).
+    pub published: bool,
+    /// Which tokenizer file to write.
+    pub tokenizer: SynthTokenizer,
 }
 
 impl SynthSpec {
@@ -103,7 +131,10 @@ impl SynthSpec {
             rope_linear: None,
             dtype: WeightDtype::F32,
             layout: CheckpointLayout::HfV5,
+            weights_format: WeightsFormat::Safetensors,
             seed: 0,
+            published: false,
+            tokenizer: SynthTokenizer::Json,
         };
         match p {
             Preset::Tiny => base,
@@ -155,6 +186,9 @@ impl SynthSpec {
         if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return bad(format!("image size {} must be a multiple of patch {}", self.image_size, self.patch_size));
         }
+        if self.published && self.layout != CheckpointLayout::HfV4 {
+            return bad("the published shape uses transformers 4 names (the HfV4 layout)".into());
+        }
         if self.vision_layers == 0 || self.text_layers == 0 {
             return bad("at least one vision and one text layer".into());
         }
@@ -166,11 +200,21 @@ impl SynthSpec {
 pub fn synthesize(spec: &SynthSpec, out: &Path) -> Result<()> {
     spec.validate()?;
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let ids = tokenizer::write(&out.join("tokenizer.json"), spec.tokenizer_vocab)?;
+    let ids = match spec.tokenizer {
+        SynthTokenizer::Json => tokenizer::write(&out.join("tokenizer.json"), spec.tokenizer_vocab)?,
+        SynthTokenizer::SentencePiece => {
+            spm::write(out, spec.tokenizer_vocab, spec.layout != CheckpointLayout::Original)?
+        }
+    };
     let vocab = spec.vocab_size.unwrap_or(ids.len + 5);
     if vocab < ids.len {
         return Err(Error::Invalid(format!("vocab size {vocab} is smaller than the tokenizer's {}", ids.len)));
     }
     files::write_configs(spec, &ids, vocab, out)?;
-    weights::write(spec, vocab, &out.join("model.safetensors"))
+    let tensors = weights::generate(spec, vocab);
+    match spec.weights_format {
+        WeightsFormat::Safetensors if spec.published => weights::write_sharded_safetensors(spec, tensors, out, 2),
+        WeightsFormat::Safetensors => weights::write_safetensors(spec, tensors, &out.join("model.safetensors")),
+        WeightsFormat::TorchBin => torch_bin::write_sharded(out, tensors, weights::dtype(spec), 2),
+    }
 }

@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 
 /// Text the tokenizer is trained on: enough English for merges that read as words, plus
 /// multi-byte characters so streaming tests see them.
-const CORPUS: &[&str] = &[
+pub const CORPUS: &[&str] = &[
     "USER: What happens in this video? ASSISTANT: A person walks across the room and sits down.",
     "The video shows a red ball rolling on a wooden floor while a cat watches it closely.",
     "Describe the video in detail. The camera pans slowly from left to right over a green field.",

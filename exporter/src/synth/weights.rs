@@ -1,4 +1,5 @@
-//! Random weights with the real tensor names and shapes, written as one safetensors file.
+//! Random weights with the real tensor names and shapes, written as one safetensors file (or
+//! handed to the `.bin` writer).
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -8,7 +9,7 @@ use rand_distr::StandardNormal;
 use safetensors::{Dtype, tensor::TensorView};
 use vl_runtime::manifest::CheckpointLayout;
 
-use super::{SynthSpec, WeightDtype};
+use super::{NamedTensor, SynthSpec, WeightDtype};
 use crate::contract::NUM_FRAMES;
 use crate::error::{Error, Result};
 
@@ -140,10 +141,10 @@ fn encode(values: impl Iterator<Item = f32>, dtype: WeightDtype) -> Vec<u8> {
     }
 }
 
-/// Generates every tensor (in name order, from one seeded stream) and writes `path`.
-pub fn write(s: &SynthSpec, vocab: usize, path: &Path) -> Result<()> {
+/// Every tensor of `s`, in name order, from one seeded stream.
+pub fn generate(s: &SynthSpec, vocab: usize) -> Vec<NamedTensor> {
     let mut rng = StdRng::seed_from_u64(s.seed);
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors = Vec::new();
     for (name, (shape, init)) in plan(s, vocab).0 {
         let n: usize = shape.iter().product();
         let rng = &mut rng;
@@ -156,11 +157,21 @@ pub fn write(s: &SynthSpec, vocab: usize, path: &Path) -> Result<()> {
         });
         tensors.push((name, shape, encode(values, s.dtype)));
     }
-    let dtype = match s.dtype {
+    tensors
+}
+
+/// The safetensors dtype of `s`'s weights.
+pub fn dtype(s: &SynthSpec) -> Dtype {
+    match s.dtype {
         WeightDtype::F32 => Dtype::F32,
         WeightDtype::F16 => Dtype::F16,
         WeightDtype::Bf16 => Dtype::BF16,
-    };
+    }
+}
+
+/// Writes `tensors` as one safetensors file at `path`.
+pub fn write_safetensors(s: &SynthSpec, tensors: Vec<NamedTensor>, path: &Path) -> Result<()> {
+    let dtype = dtype(s);
     let views = tensors
         .iter()
         .map(|(name, shape, bytes)| {
@@ -172,4 +183,26 @@ pub fn write(s: &SynthSpec, vocab: usize, path: &Path) -> Result<()> {
     let metadata = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
     safetensors::serialize_to_file(views, metadata, path)
         .map_err(|e| Error::Safetensors { path: path.to_path_buf(), message: e.to_string() })
+}
+
+/// The same tensors split in name order over `shards` files as transformers names them
+/// (`model-00001-of-00002.safetensors`), with `model.safetensors.index.json`.
+pub fn write_sharded_safetensors(s: &SynthSpec, tensors: Vec<NamedTensor>, out: &Path, shards: usize) -> Result<()> {
+    let per = tensors.len().div_ceil(shards.max(1)).max(1);
+    let mut weight_map = Vec::new();
+    let mut total = 0u64;
+    let mut rest = tensors;
+    let mut i = 0;
+    while !rest.is_empty() {
+        let tail = rest.split_off(per.min(rest.len()));
+        let chunk = std::mem::replace(&mut rest, tail);
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards);
+        for (name, _, bytes) in &chunk {
+            weight_map.push((name.clone(), file.clone()));
+            total += bytes.len() as u64;
+        }
+        write_safetensors(s, chunk, &out.join(&file))?;
+        i += 1;
+    }
+    super::published::write_index(out, &weight_map, total)
 }

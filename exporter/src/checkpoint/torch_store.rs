@@ -1,0 +1,101 @@
+//! The tensors of one memory-mapped PyTorch `.bin` (zip) checkpoint: the pickle is read by the
+//! restricted unpickler, and each tensor becomes a byte range of its storage's zip entry.
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::shards::Located;
+use super::torch_pickle::{self, PickleError, TensorRecord};
+use super::torch_zip::{self, STORED, ZipEntry};
+use crate::error::{Error, Result};
+
+/// Whether `stride` lays `shape` out row-major without gaps (dims of size 1 may have any stride).
+fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
+    let mut expected = 1;
+    for (&dim, &s) in shape.iter().zip(stride).rev() {
+        if dim != 1 && s != expected {
+            return false;
+        }
+        expected *= dim;
+    }
+    true
+}
+
+/// Every tensor of the torch zip checkpoint `file` (the bytes of `path`), by name.
+pub(super) fn read(path: &Path, file: &[u8]) -> Result<Vec<(String, Located)>> {
+    let bad = |message: String| Error::TorchCheckpoint { path: path.to_path_buf(), message };
+    let entries = torch_zip::entries(file).map_err(bad)?;
+    let pickle = entries
+        .iter()
+        .find(|e| e.name.ends_with("data.pkl") && e.name.matches('/').count() == 1)
+        .ok_or_else(|| bad("no <archive>/data.pkl entry: not a torch.save zip checkpoint".into()))?;
+    let prefix = &pickle.name[..pickle.name.len() - "data.pkl".len()];
+    let by_name: HashMap<&str, &ZipEntry> = entries.iter().map(|e| (e.name.as_str(), e)).collect();
+    if let Some(order) = by_name.get(format!("{prefix}byteorder").as_str()) {
+        let order = &file[order.data.clone()];
+        if order != b"little" {
+            return Err(bad(format!(
+                "byteorder {:?}: only little-endian checkpoints are read",
+                String::from_utf8_lossy(order)
+            )));
+        }
+    }
+    let stored = |e: &ZipEntry| {
+        if e.method == STORED {
+            Ok(e.data.clone())
+        } else {
+            Err(bad(format!(
+                "entry {} is compressed (method {}); torch.save stores entries uncompressed",
+                e.name, e.method
+            )))
+        }
+    };
+    let records = torch_pickle::state_dict(&file[stored(pickle)?]).map_err(|e| match e {
+        PickleError::Refused(global) => Error::UnsafePickle { path: path.to_path_buf(), global },
+        PickleError::Malformed(m) => bad(format!("{}: {m}", pickle.name)),
+    })?;
+    let mut out = Vec::with_capacity(records.len());
+    for (name, record) in records {
+        let entry = by_name.get(format!("{prefix}data/{}", record.key).as_str()).ok_or_else(|| {
+            bad(format!("tensor {name}: its storage {prefix}data/{} is not in the archive", record.key))
+        })?;
+        let located = locate(&name, &record, stored(entry)?).map_err(bad)?;
+        out.push((name, located));
+    }
+    Ok(out)
+}
+
+/// The byte range of the tensor `record` inside its storage's `data` range.
+fn locate(name: &str, record: &TensorRecord, data: std::ops::Range<usize>) -> Result<Located, String> {
+    let TensorRecord { dtype, offset, shape, stride, .. } = record;
+    if !is_contiguous(shape, stride) {
+        return Err(format!(
+            "tensor {name} has strides {stride:?} for shape {shape:?}: not contiguous (save it after .contiguous())"
+        ));
+    }
+    let width = (dtype.bitsize() / 8).max(1);
+    let numel = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    let range = numel.and_then(|n| {
+        let start = data.start.checked_add(offset.checked_mul(width)?)?;
+        Some((start, start.checked_add(n.checked_mul(width)?)?))
+    });
+    match range {
+        Some((start, end)) if end <= data.end => Ok(Located { dtype: *dtype, shape: shape.clone(), start, end }),
+        _ => Err(format!(
+            "tensor {name} (shape {shape:?}, offset {offset}) runs past the end of its storage of {} bytes",
+            data.len()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contiguity_ignores_strides_of_unit_dims() {
+        assert!(is_contiguous(&[2, 3], &[3, 1]));
+        assert!(is_contiguous(&[2, 1, 3], &[3, 7, 1]));
+        assert!(is_contiguous(&[], &[]));
+        assert!(!is_contiguous(&[2, 3], &[1, 2]));
+    }
+}

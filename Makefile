@@ -61,6 +61,16 @@ bench_engine = engines/vl7b-slice$(if $(filter fp32,$(1)),,-$(1))
 bench: setup bench-setup bench-engines
 	./target/release/vl-bench run --model $(BENCH_MODEL) $(foreach p,$(BENCH_PRECISIONS),--engines $(call bench_engine,$(p))) --python $(ORACLE)/bin/python --out bench --deadline-unix $$(( $(BENCH_T0) + $(BENCH_BUDGET_S) )) $(BENCH_ARGS)
 
+# Many conversations at once through the serving engine, on vl7b-slice with the in-place decoder (bench/concurrency-*.json).
+CONCURRENCY_STREAMS ?= 1,2,4,8,16
+.PHONY: bench-concurrency
+bench-concurrency: setup
+	@test -f $(BENCH_MODEL)/config.json || ./target/release/vl-export synth --preset vl7b-slice --out $(BENCH_MODEL)
+	@test -f engines/vl7b-slice-ort/manifest.yaml || ./target/release/vl-export build --model $(BENCH_MODEL) --target onnxruntime --out engines/vl7b-slice-ort
+	@mkdir -p $(WORK) && test -f $(WORK)/concurrency.mp4 || ffmpeg -loglevel error -y -f lavfi -i testsrc2=size=320x240:rate=25:duration=4 -pix_fmt yuv420p $(WORK)/concurrency.mp4
+	./target/release/vl-bench concurrency --engine engines/vl7b-slice-ort --streams $(CONCURRENCY_STREAMS) --out bench/concurrency-text.json
+	./target/release/vl-bench concurrency --engine engines/vl7b-slice-ort --streams $(CONCURRENCY_STREAMS) --video $(WORK)/concurrency.mp4 --out bench/concurrency-video.json
+
 # The baseline's Python: the oracle's venv, plus PyAV (video decoding as the model card does it) and matplotlib (the plot).
 bench-setup:
 	@$(ORACLE)/bin/python -c "import torch, transformers, torchvision" 2>/dev/null || $(MAKE) oracle-setup
@@ -75,6 +85,11 @@ bench-engines:
 	  ./target/release/vl-export build --model $(BENCH_MODEL) --out $$dir --precision $$p \
 	    || echo "vl-export could not build --precision $$p: not benchmarked"; \
 	done
+
+# Both published layouts at full 7B size: synthesize, export every precision, answer a few tokens; time and memory of each step.
+.PHONY: check-7b
+check-7b: setup
+	WORK=$(WORK) bash tools/check_7b.sh
 
 fmt:
 	$(CARGO) fmt --all

@@ -17,11 +17,13 @@
 //! - [`report`]: summaries, ratios, targets, the Markdown table.
 //! - [`driver`]: inputs, child processes, the time budget.
 //! - [`profile`]: where a decode step's time goes (ONNX Runtime's profiler).
+//! - [`concurrency`]: many conversations at once through the serving engine.
 //!
 //! Benchmarks are not tests: nothing here runs in `make test` beyond the unit tests of the
 //! arithmetic.
 use std::path::PathBuf;
 
+pub mod concurrency;
 pub mod cost;
 pub mod driver;
 pub mod measure;

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use vl_bench::concurrency::{ConcurrencyPlan, measure_concurrency};
 use vl_bench::driver::{self, RunPlan, ScalingChoice};
 use vl_bench::measure::{EnginePlan, ScalingPlan, measure_engine};
 use vl_bench::profile::{ProfilePlan, format_profile, profile_decode};
@@ -196,6 +197,31 @@ enum Cmd {
         #[arg(long, default_value = "bench/profile")]
         out: PathBuf,
     },
+    /// Many conversations at once through the serving engine: aggregate tokens/s, per-stream
+    /// ms/token, time to first token, and the delay a video prompt's prefill adds to others.
+    Concurrency {
+        /// Engine directory (target onnxruntime batches decode steps).
+        #[arg(long, default_value = "engines/vl7b-slice-ort")]
+        engine: PathBuf,
+        /// Concurrent conversations to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+        streams: Vec<usize>,
+        /// Tokens per answer.
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        /// A video for video prompts; without it, text prompts.
+        #[arg(long)]
+        video: Option<PathBuf>,
+        /// Intra-op threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Prompt tokens prefilled per engine step.
+        #[arg(long, default_value_t = 512)]
+        prefill_chunk_tokens: usize,
+        /// Output JSON.
+        #[arg(long, default_value = "bench/concurrency.json")]
+        out: PathBuf,
+    },
 }
 
 fn log(line: &str) {
@@ -333,6 +359,12 @@ fn run() -> Result<()> {
             write_json(&out.join("decode_profile.json"), &p)?;
             std::fs::write(out.join("decode_profile.txt"), &text).context("writing the profile summary")?;
             print!("{text}");
+        }
+        Cmd::Concurrency { engine, streams, new_tokens, video, threads, prefill_chunk_tokens, out } => {
+            let plan = ConcurrencyPlan { engine, streams, new_tokens, video, threads, prefill_chunk_tokens };
+            let report = measure_concurrency(&plan, &|line| eprintln!("{line}"))?;
+            write_json(&out, &report)?;
+            println!("wrote {}", out.display());
         }
     }
     Ok(())

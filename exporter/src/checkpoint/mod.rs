@@ -6,14 +6,12 @@ mod config;
 mod generation;
 mod original;
 mod safetensors_store;
+pub mod sentencepiece;
 mod shards;
+pub mod tokenizer_convert;
 mod torch_pickle;
 mod torch_store;
-#[cfg(test)]
-mod torch_tests;
 mod torch_zip;
-pub mod sentencepiece;
-pub mod tokenizer_convert;
 
 use std::path::{Path, PathBuf};
 

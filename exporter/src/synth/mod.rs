@@ -5,6 +5,8 @@ mod published;
 mod spm;
 pub mod tokenizer;
 pub mod torch_bin;
+#[cfg(test)]
+mod torch_tests;
 mod torch_zip_writer;
 mod weights;
 

@@ -1,4 +1,4 @@
-//! Reading PyTorch `.bin` checkpoints written by the synth writer (the layout `torch.save`
+//! Reading PyTorch `.bin` checkpoints written by this writer (the layout `torch.save`
 //! writes, see `synth/torch_bin.rs`), and refusing the ones that are broken or would run code.
 #![allow(clippy::unwrap_used)]
 use std::path::Path;
@@ -6,7 +6,7 @@ use std::path::Path;
 use half::{bf16, f16};
 use safetensors::Dtype;
 
-use super::{Checkpoint, TensorStore, WeightsFormat};
+use crate::checkpoint::{Checkpoint, TensorStore, WeightsFormat};
 use crate::error::Error;
 use crate::synth::torch_bin::{PickledTensor, state_dict_pickle, write_archive, write_sharded, write_state_dict};
 use crate::synth::{Preset, SynthSpec, synthesize};

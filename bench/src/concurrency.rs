@@ -39,8 +39,9 @@ pub struct ConcurrencyPlan {
 pub struct Level {
     /// Concurrent conversations.
     pub streams: usize,
-    /// Decode tokens per second of all streams together, while all of them decode.
-    pub aggregate_tokens_per_s: f64,
+    /// Decode tokens per second of all streams together, while all of them decode (`None`
+    /// when they never decode at the same time: long prompts prefilled one after the other).
+    pub aggregate_tokens_per_s: Option<f64>,
     /// Median time between two tokens of one stream.
     pub ms_per_token_p50: f64,
     /// 95th percentile of the same.
@@ -60,10 +61,13 @@ pub struct Arrival {
     pub gap_before_ms: f64,
     /// The longest gap any of them saw while it was prefilled.
     pub max_gap_during_ms: f64,
-    /// Its prompt length and the chunk size.
+    /// Its prompt length.
     pub prompt_tokens: usize,
     /// Prompt tokens per prefill chunk.
     pub chunk_tokens: usize,
+    /// Mean time of one of its prefill chunks (the bound on the added delay is one chunk plus
+    /// one decode step).
+    pub chunk_ms: f64,
 }
 
 /// The whole measurement.
@@ -88,6 +92,7 @@ pub struct ConcurrencyReport {
 struct Stream {
     submitted: Instant,
     tokens: Vec<Instant>,
+    prefill_ms: f64,
 }
 
 fn request(media: Media, new_tokens: usize, i: usize) -> Request {
@@ -107,12 +112,15 @@ fn drain(handles: Vec<(Instant, Handle)>) -> Result<Vec<Stream>> {
         .into_iter()
         .map(|(submitted, h)| {
             std::thread::spawn(move || {
-                let mut s = Stream { submitted, tokens: Vec::new() };
+                let mut s = Stream { submitted, tokens: Vec::new(), prefill_ms: 0.0 };
                 while let Some(e) = h.recv() {
                     match e {
                         Event::Token { id: Some(_), .. } => s.tokens.push(Instant::now()),
                         Event::Token { .. } => {}
-                        Event::Done(_) => return Ok(s),
+                        Event::Done(done) => {
+                            s.prefill_ms = done.answer.timings.prefill_ms;
+                            return Ok(s);
+                        }
                         Event::Failed(e) => return Err(e),
                     }
                 }
@@ -138,9 +146,9 @@ fn level(streams: &[Stream]) -> Level {
     let aggregate = match (start, end) {
         (Some(a), Some(b)) if b > a => {
             let n = streams.iter().flat_map(|s| &s.tokens).filter(|t| **t > a && **t <= b).count();
-            n as f64 / (b - a).as_secs_f64()
+            Some(n as f64 / (b - a).as_secs_f64())
         }
-        _ => 0.0,
+        _ => None,
     };
     let mut gaps: Vec<f64> =
         streams.iter().flat_map(|s| s.tokens.windows(2).map(|w| ms(w[1] - w[0])).collect::<Vec<_>>()).collect();
@@ -179,9 +187,10 @@ pub fn measure_concurrency(plan: &ConcurrencyPlan, log: &dyn Fn(&str)) -> Result
             .map(|i| Ok((Instant::now(), engine.submit(request(media(), plan.new_tokens, i))?)))
             .collect::<Result<Vec<_>>>()?;
         let l = level(&drain(handles)?);
+        let together = l.aggregate_tokens_per_s.map_or("never all decoding".to_string(), |t| format!("{t:7.1} tokens/s"));
         log(&format!(
-            "{n:>2} streams: {:7.1} tokens/s together, {:6.1} ms/token per stream (p95 {:.1}), first token p50 {:.0} ms",
-            l.aggregate_tokens_per_s, l.ms_per_token_p50, l.ms_per_token_p95, l.ttft_ms_p50
+            "{n:>2} streams: {together} together, {:6.1} ms/token per stream (p95 {:.1}), first token p50 {:.0} ms",
+            l.ms_per_token_p50, l.ms_per_token_p95, l.ttft_ms_p50
         ));
         levels.push(l);
     }
@@ -191,8 +200,8 @@ pub fn measure_concurrency(plan: &ConcurrencyPlan, log: &dyn Fn(&str)) -> Result
     };
     if let Some(a) = &arrival {
         log(&format!(
-            "video prompt ({} tokens, chunks of {}) arriving while {} decode: their gap {:.1} ms before, at most {:.1} ms during",
-            a.prompt_tokens, a.chunk_tokens, a.decoding, a.gap_before_ms, a.max_gap_during_ms
+            "video prompt ({} tokens, chunks of {} taking {:.0} ms each) arriving while {} decode: their gap {:.1} ms before, at most {:.1} ms during",
+            a.prompt_tokens, a.chunk_tokens, a.chunk_ms, a.decoding, a.gap_before_ms, a.max_gap_during_ms
         ));
     }
     let stats = engine.stats();
@@ -214,14 +223,13 @@ fn arrival(engine: &Engine, video: PathBuf, plan: &ConcurrencyPlan) -> Result<Ar
     let handles = (0..decoding)
         .map(|i| Ok((Instant::now(), engine.submit(request(Media::Text, long, i))?)))
         .collect::<Result<Vec<_>>>()?;
+    let rows_before = engine.stats().decode_rows;
     let receivers = std::thread::spawn(move || drain(handles));
-    std::thread::sleep(Duration::from_millis(50));
-    // Wait until they decode (the engine reports them active, prefill done).
+    // Wait until every one of them has decoded a few tokens.
     let t_wait = Instant::now();
-    while engine.stats().prefill_tokens == 0 && t_wait.elapsed() < Duration::from_secs(60) {
+    while engine.stats().decode_rows < rows_before + 4 * decoding as u64 && t_wait.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    std::thread::sleep(Duration::from_millis(200));
     let before = engine.stats().prefill_tokens;
     let arrived = Instant::now();
     let video_stream = drain(vec![(arrived, engine.submit(request(Media::VideoFile(video), 2, 0))?)])?;
@@ -229,6 +237,7 @@ fn arrival(engine: &Engine, video: PathBuf, plan: &ConcurrencyPlan) -> Result<Ar
     let prompt_tokens = (engine.stats().prefill_tokens - before) as usize;
     let streams = receivers.join().map_err(|_| vl_runtime::Error::EngineStopped)??;
     let first_video_token = video_stream.first().and_then(|s| s.tokens.first()).copied().unwrap_or(prefilled);
+    let video_prefill_ms = video_stream.first().map_or(0.0, |s| s.prefill_ms);
     let mut before_gaps = Vec::new();
     let mut during = 0.0f64;
     for s in &streams {
@@ -247,5 +256,6 @@ fn arrival(engine: &Engine, video: PathBuf, plan: &ConcurrencyPlan) -> Result<Ar
         max_gap_during_ms: during,
         prompt_tokens,
         chunk_tokens: plan.prefill_chunk_tokens,
+        chunk_ms: video_prefill_ms / prompt_tokens.div_ceil(plan.prefill_chunk_tokens.max(1)).max(1) as f64,
     })
 }

@@ -138,6 +138,7 @@ pub fn router(app: Arc<App>, max_body: usize) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(app)
 }
@@ -147,6 +148,13 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
         "object": "list",
         "data": [{"id": app.model_id, "object": "model", "created": app.created, "owned_by": "vl"}],
     }))
+}
+
+async fn not_found(uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError {
+        status: axum::http::StatusCode::NOT_FOUND,
+        ..error::ApiError::invalid(format!("no route {}", uri.path()))
+    }
 }
 
 async fn health() -> Json<Value> {

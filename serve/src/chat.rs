@@ -252,7 +252,7 @@ async fn answer(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Re
     let mut event = first;
     loop {
         match event {
-            Event::Done(done) => return Ok(Json(whole(&meta, &done)).into_response()),
+            Event::Done(done) => return Ok(whole(&meta, &done)),
             Event::Failed(e) => return Err(e.into()),
             Event::Token { .. } => {}
         }
@@ -268,7 +268,7 @@ struct Meta {
     prompt_tokens: usize,
 }
 
-fn whole(meta: &Meta, done: &Done) -> serde_json::Value {
+fn whole(meta: &Meta, done: &Done) -> Response {
     let a = &done.answer;
     let c = Completion {
         id: &meta.id,
@@ -282,7 +282,7 @@ fn whole(meta: &Meta, done: &Done) -> serde_json::Value {
         }],
         usage: Usage::new(meta.prompt_tokens, a.token_ids.len()),
     };
-    serde_json::to_value(c).unwrap_or_default()
+    Json(c).into_response()
 }
 
 /// A stream's state: events still to turn into chunks, and chunks ready to send.

@@ -139,6 +139,7 @@ pub fn router(app: Arc<App>, max_body: usize) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(app)
 }
@@ -154,6 +155,13 @@ async fn not_found(uri: axum::http::Uri) -> error::ApiError {
     error::ApiError {
         status: axum::http::StatusCode::NOT_FOUND,
         ..error::ApiError::invalid(format!("no route {}", uri.path()))
+    }
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError {
+        status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        ..error::ApiError::invalid(format!("{method} is not allowed on {}", uri.path()))
     }
 }
 

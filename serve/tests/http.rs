@@ -120,6 +120,7 @@ async fn models_health_ready() {
     let ready: Value = reqwest::get(format!("{url}/ready")).await.unwrap().json().await.unwrap();
     assert_eq!(ready["status"], "ready");
     assert_error(reqwest::get(format!("{url}/v1/completions")).await.unwrap(), 404, "no route").await;
+    assert_error(reqwest::get(format!("{url}/v1/chat/completions")).await.unwrap(), 405, "not allowed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

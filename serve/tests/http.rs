@@ -162,12 +162,23 @@ async fn bad_requests_get_openai_errors() {
     assert_eq!(v["error"]["code"], "context_length_exceeded");
 }
 
+/// Waits until the engine runs no request.
+async fn idle(app: &App) {
+    let started = Instant::now();
+    while app.engine.stats().active > 0 || app.engine.stats().waiting > 0 {
+        assert!(started.elapsed() < Duration::from_secs(30), "a request still runs");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overloaded_gets_429_with_retry_after() {
-    let (url, _) = start_app(&["--max-active", "1", "--max-waiting", "0"]).await;
+    let (url, app) = start_app(&["--max-active", "1", "--max-waiting", "0"]).await;
     // Headers come once the first token is out, so the first request runs when they arrive;
     // it may still finish before the second one comes (the tiny engine is fast): try again.
     for attempt in 0.. {
+        // A dropped request frees its slot at the engine's next step.
+        idle(&app).await;
         let first = post(&url, &chat("Tell me everything you see.", 400, true)).await;
         assert_eq!(first.status(), 200);
         let second = post(&url, &chat("And now?", 400, false)).await;
@@ -179,6 +190,7 @@ async fn overloaded_gets_429_with_retry_after() {
         assert_eq!(v["error"]["code"], "rate_limit_exceeded");
         break;
     }
+    idle(&app).await;
     let r = post(&url, &chat("And now?", 4, false)).await;
     assert_eq!(r.status(), 200);
 }
@@ -186,13 +198,7 @@ async fn overloaded_gets_429_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_cancels_its_generation() {
     let (url, app) = start_app(&[]).await;
-    let idle = async || {
-        let started = Instant::now();
-        while app.engine.stats().active > 0 {
-            assert!(started.elapsed() < Duration::from_secs(30), "a request still runs");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
+    let idle = || idle(&app);
     // Calibration: a whole 400-token answer decodes about 400 rows.
     let before = app.engine.stats().decode_rows;
     let whole = post(&url, &chat("Tell me everything you see.", 400, true)).await.text().await.unwrap();

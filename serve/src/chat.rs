@@ -1,0 +1,404 @@
+//! `POST /v1/chat/completions`: the conversation mapped onto one engine request, answered as
+//! one `chat.completion` or streamed as `chat.completion.chunk` events.
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Json, Response};
+use tempfile::NamedTempFile;
+use tokio::sync::mpsc;
+use vl_runtime::GenerateOptions;
+use vl_runtime::engine::{Done, Event, Handle, Request};
+use vl_runtime::generate::FinishReason;
+use vl_runtime::model::Media;
+use vl_runtime::prompt::{PromptBuilder, VisualSlot};
+use vl_runtime::sampling::SamplingParams;
+
+use crate::App;
+use crate::api::{
+    AssistantMessage, ChatRequest, Choice, Chunk, ChunkChoice, Completion, Content, Delta, Part, Role, Usage,
+};
+use crate::error::ApiError;
+use crate::media::{self, Kind, Resolved};
+
+/// What the engine is asked: the media (its URL) and the question.
+#[derive(Debug, PartialEq)]
+pub struct Turn {
+    /// The one media part, with its kind and URL.
+    pub media: Option<(Kind, String)>,
+    /// The question: system text, then the user's text.
+    pub question: String,
+}
+
+/// Maps OpenAI messages onto one first turn. Earlier assistant turns are refused (multi-turn
+/// is not supported yet); system (and developer) messages are prepended to the question;
+/// consecutive user messages are one turn, their texts joined by blank lines; the one media
+/// item, if any, must be in the first user message.
+pub fn turn(messages: Vec<crate::api::Message>) -> Result<Turn, ApiError> {
+    let mut system = Vec::new();
+    let mut user = Vec::new();
+    let mut media = None;
+    let mut users = 0;
+    for m in messages {
+        match m.role {
+            Role::Assistant => {
+                return Err(ApiError::invalid(
+                    "multi-turn conversations (messages with role assistant) are not supported yet: \
+                     send the media and one question",
+                )
+                .param("messages"));
+            }
+            Role::System | Role::Developer => system.push(text_only(m.content)?),
+            Role::User => {
+                users += 1;
+                let mut texts = Vec::new();
+                for part in parts(m.content) {
+                    let (kind, url) = match part {
+                        Part::Text { text } => {
+                            texts.push(text);
+                            continue;
+                        }
+                        Part::ImageUrl { image_url } => (Kind::Image, image_url.url),
+                        Part::VideoUrl { video_url } => (Kind::Video, video_url.url),
+                    };
+                    if media.is_some() {
+                        return Err(ApiError::invalid("at most one image or video per request").param("messages"));
+                    }
+                    if users > 1 {
+                        return Err(
+                            ApiError::invalid("the image or video must be in the first user message").param("messages")
+                        );
+                    }
+                    media = Some((kind, url));
+                }
+                user.push(texts.join("\n"));
+            }
+        }
+    }
+    if users == 0 {
+        return Err(ApiError::invalid("messages must hold a user message").param("messages"));
+    }
+    let question = system.into_iter().chain(user).filter(|t| !t.is_empty()).collect::<Vec<_>>().join("\n\n");
+    Ok(Turn { media, question })
+}
+
+fn parts(content: Option<Content>) -> Vec<Part> {
+    match content {
+        None => Vec::new(),
+        Some(Content::Text(text)) => vec![Part::Text { text }],
+        Some(Content::Parts(parts)) => parts,
+    }
+}
+
+fn text_only(content: Option<Content>) -> Result<String, ApiError> {
+    let mut texts = Vec::new();
+    for part in parts(content) {
+        match part {
+            Part::Text { text } => texts.push(text),
+            _ => return Err(ApiError::invalid("only user messages may hold media").param("messages")),
+        }
+    }
+    Ok(texts.join("\n"))
+}
+
+/// The generation options of a request. OpenAI's default temperature is 1 (sampling).
+fn options(r: &mut ChatRequest) -> Result<GenerateOptions, ApiError> {
+    if r.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("only n = 1 is supported").param("n"));
+    }
+    let max_new_tokens = r.max_completion_tokens.or(r.max_tokens).unwrap_or(GenerateOptions::default().max_new_tokens);
+    if max_new_tokens == 0 {
+        return Err(ApiError::invalid("max_tokens must be at least 1").param("max_tokens"));
+    }
+    let sampling = SamplingParams {
+        temperature: r.temperature.unwrap_or(1.0),
+        top_p: r.top_p.unwrap_or(1.0),
+        top_k: r.top_k.map_or(0, |k| usize::try_from(k).unwrap_or(0)),
+        repetition_penalty: r.repetition_penalty.unwrap_or(1.0),
+        seed: r.seed.unwrap_or_else(rand_seed),
+    };
+    sampling.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
+    Ok(GenerateOptions {
+        sampling,
+        max_new_tokens,
+        stop: r.stop.take().map(|s| s.into_vec()).unwrap_or_default(),
+        ignore_eos: r.ignore_eos,
+    })
+}
+
+/// A seed for requests that give none, so that unseeded requests differ.
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now())
+}
+
+/// A submitted request and what its reply needs.
+struct Submitted {
+    handle: Handle,
+    temp: Option<NamedTempFile>,
+    stream: bool,
+    include_usage: bool,
+    prompt_tokens: usize,
+}
+
+/// Parses, validates and submits (blocking: decodes base64, tokenizes).
+fn submit(app: &App, body: &[u8]) -> Result<Submitted, ApiError> {
+    let mut r: ChatRequest =
+        serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))?;
+    if let Some(model) = &r.model
+        && model != &app.model_id
+    {
+        return Err(ApiError {
+            status: axum::http::StatusCode::NOT_FOUND,
+            code: Some("model_not_found"),
+            ..ApiError::invalid(format!("the model {model:?} does not exist; this server serves {:?}", app.model_id))
+                .param("model")
+        });
+    }
+    let options = options(&mut r)?;
+    let turn = turn(std::mem::take(&mut r.messages))?;
+    let Resolved { media, temp } = match &turn.media {
+        Some((kind, url)) => media::resolve(*kind, url, app.media_root.as_deref())?,
+        None => Resolved { media: Media::Text, temp: None },
+    };
+    let prompt_tokens = prompt_tokens(app, &media, &turn.question)?;
+    let mut request = Request::new(media, turn.question);
+    request.options = options;
+    let handle = app.engine.submit(request)?;
+    let include_usage = r.stream_options.is_some_and(|o| o.include_usage);
+    Ok(Submitted { handle, temp, stream: r.stream, include_usage, prompt_tokens })
+}
+
+/// Tokens of the prompt, visual tokens included (as the engine lays it out).
+fn prompt_tokens(app: &App, media: &Media, question: &str) -> Result<usize, ApiError> {
+    let model = app.engine.model();
+    let m = model.manifest();
+    let slot = match media {
+        Media::VideoFile(_) | Media::PixelValuesFile(_) => {
+            VisualSlot::Video { tokens: m.preprocess.frames * m.model.tokens_per_frame }
+        }
+        Media::VideoPixels(px) => VisualSlot::Video { tokens: px.shape()[1] * m.model.tokens_per_frame },
+        Media::ImageFile(_) | Media::ImagePixels(_) => VisualSlot::Image { tokens: m.model.tokens_per_image },
+        _ => VisualSlot::None,
+    };
+    Ok(PromptBuilder::new(model.tokenizer(), &m.chat_template, &m.tokens).first_turn(slot, question)?.len())
+}
+
+/// Forwards a handle's events into a tokio channel from a blocking thread; the handle (and
+/// so the request) is dropped, which cancels it, as soon as the receiver is gone.
+fn forward(handle: Handle, temp: Option<NamedTempFile>) -> mpsc::Receiver<Event> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::task::spawn_blocking(move || {
+        let _temp = temp;
+        while let Some(event) = handle.recv() {
+            let last = matches!(event, Event::Done(_) | Event::Failed(_));
+            if tx.blocking_send(event).is_err() || last {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn finish_reason(f: FinishReason) -> &'static str {
+    match f {
+        FinishReason::MaxTokens => "length",
+        FinishReason::Eos | FinishReason::StopString | FinishReason::Cancelled => "stop",
+    }
+}
+
+/// Unix seconds now.
+pub(crate) fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn completion_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("chatcmpl-{:x}-{}", now(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The handler of `POST /v1/chat/completions`.
+pub async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+    match answer(app, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn answer(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body?;
+    let a = app.clone();
+    let submitted = tokio::task::spawn_blocking(move || submit(&a, &body))
+        .await
+        .map_err(|e| ApiError::internal(format!("request task failed: {e}")))??;
+    let Submitted { handle, temp, stream, include_usage, prompt_tokens } = submitted;
+    let mut events = forward(handle, temp);
+    // The first event decides the status: a request refused or failed before its first token
+    // (overloaded, bad media) gets an error reply, not a stream.
+    let first = match events.recv().await {
+        Some(Event::Failed(e)) => return Err(e.into()),
+        Some(event) => event,
+        None => return Err(vl_runtime::Error::EngineStopped.into()),
+    };
+    let meta = Meta { id: completion_id(), created: now(), model: app.model_id.clone(), prompt_tokens };
+    if stream {
+        return Ok(stream_reply(meta, first, events, include_usage).into_response());
+    }
+    let mut event = first;
+    loop {
+        match event {
+            Event::Done(done) => return Ok(whole(&meta, &done)),
+            Event::Failed(e) => return Err(e.into()),
+            Event::Token { .. } => {}
+        }
+        event = events.recv().await.ok_or(ApiError::from(vl_runtime::Error::EngineStopped))?;
+    }
+}
+
+/// What every object of a reply repeats.
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    prompt_tokens: usize,
+}
+
+fn whole(meta: &Meta, done: &Done) -> Response {
+    let a = &done.answer;
+    let c = Completion {
+        id: &meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: &meta.model,
+        choices: [Choice {
+            index: 0,
+            message: AssistantMessage { role: "assistant", content: &a.text },
+            finish_reason: finish_reason(a.finish),
+        }],
+        usage: Usage::new(meta.prompt_tokens, a.token_ids.len()),
+    };
+    Json(c).into_response()
+}
+
+/// A stream's state: events still to turn into chunks, and chunks ready to send.
+struct ChunkStream {
+    events: mpsc::Receiver<Event>,
+    ready: VecDeque<String>,
+    over: bool,
+    meta: Meta,
+    include_usage: bool,
+}
+
+impl ChunkStream {
+    fn chunk(&self, delta: Delta<'_>, finish_reason: Option<&'static str>, usage: Option<Usage>) -> String {
+        let choices = if usage.is_some() { Vec::new() } else { vec![ChunkChoice { index: 0, delta, finish_reason }] };
+        let c = Chunk {
+            id: &self.meta.id,
+            object: "chat.completion.chunk",
+            created: self.meta.created,
+            model: &self.meta.model,
+            choices,
+            usage,
+        };
+        serde_json::to_string(&c).unwrap_or_default()
+    }
+
+    fn push(&mut self, event: Event) {
+        match event {
+            Event::Token { text, .. } => {
+                if !text.is_empty() {
+                    let c = self.chunk(Delta { role: None, content: Some(&text) }, None, None);
+                    self.ready.push_back(c);
+                }
+            }
+            Event::Done(done) => {
+                let a = &done.answer;
+                let c = self.chunk(Delta::default(), Some(finish_reason(a.finish)), None);
+                self.ready.push_back(c);
+                if self.include_usage {
+                    let usage = Usage::new(self.meta.prompt_tokens, a.token_ids.len());
+                    let c = self.chunk(Delta::default(), None, Some(usage));
+                    self.ready.push_back(c);
+                }
+                self.ready.push_back("[DONE]".to_string());
+                self.over = true;
+            }
+            Event::Failed(e) => {
+                self.ready.push_back(ApiError::from(e).to_json());
+                self.over = true;
+            }
+        }
+    }
+}
+
+fn stream_reply(
+    meta: Meta,
+    first: Event,
+    events: mpsc::Receiver<Event>,
+    include_usage: bool,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    let mut s = ChunkStream { events, ready: VecDeque::new(), over: false, meta, include_usage };
+    let role = s.chunk(Delta { role: Some("assistant"), content: Some("") }, None, None);
+    s.ready.push_back(role);
+    s.push(first);
+    // Dropping the stream (the client went away) drops `events`, which cancels the request.
+    let stream = futures_util::stream::unfold(s, |mut s| async move {
+        loop {
+            if let Some(data) = s.ready.pop_front() {
+                return Some((Ok(SseEvent::default().data(data)), s));
+            }
+            if s.over {
+                return None;
+            }
+            match s.events.recv().await {
+                Some(event) => s.push(event),
+                None => {
+                    let e = ApiError::from(vl_runtime::Error::EngineStopped);
+                    s.ready.push_back(e.to_json());
+                    s.over = true;
+                }
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn messages(json: &str) -> Vec<crate::api::Message> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn one_turn_with_system_text_and_media() {
+        let t = turn(messages(
+            r#"[{"role":"system","content":"Be brief."},
+                {"role":"user","content":[{"type":"video_url","video_url":{"url":"file:///v.mp4"}},
+                                          {"type":"text","text":"What happens?"}]}]"#,
+        ))
+        .unwrap();
+        assert_eq!(t.media, Some((Kind::Video, "file:///v.mp4".to_string())));
+        assert_eq!(t.question, "Be brief.\n\nWhat happens?");
+    }
+
+    #[test]
+    fn refuses_what_one_turn_cannot_hold() {
+        let assistant = r#"[{"role":"user","content":"a"},{"role":"assistant","content":"b"},
+                            {"role":"user","content":"c"}]"#;
+        let two_media = r#"[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:,"}},
+                                                     {"type":"image_url","image_url":{"url":"data:,"}}]}]"#;
+        let late_media = r#"[{"role":"user","content":"a"},
+                             {"role":"user","content":[{"type":"image_url","image_url":{"url":"data:,"}}]}]"#;
+        for bad in [assistant, two_media, late_media, r#"[{"role":"system","content":"x"}]"#] {
+            assert_eq!(turn(messages(bad)).unwrap_err().status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,250 @@
+//! vl-serve: an OpenAI-compatible HTTP server over vl-runtime's serving engine.
+//!
+//! Routes: `POST /v1/chat/completions` (OpenAI's schema; `stream: true` sends server-sent
+//! `chat.completion.chunk` events), `GET /v1/models`, `GET /health`, `GET /ready`. Media come
+//! as `image_url` / `video_url` content parts (vLLM's schema) holding a base64 `data:` URL or
+//! a `file://` path under `--media-root`. Errors are OpenAI's error object.
+//!
+//! ```no_run
+//! use clap::Parser;
+//! # async fn run() -> Result<(), vl_serve::ServeError> {
+//! let args = vl_serve::Args::parse_from(["vl-serve", "--engine", "engines/small", "--port", "0"]);
+//! let server = vl_serve::Server::bind(&args).await?;
+//! println!("listening on http://{}", server.local_addr());
+//! server.run().await
+//! # }
+//! ```
+#![warn(clippy::unwrap_used)]
+
+pub mod api;
+pub mod chat;
+pub mod error;
+pub mod media;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::Json;
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use vl_runtime::engine::{Engine, EngineOptions, WhenFull};
+use vl_runtime::model::{Model, ModelOptions};
+
+/// Command-line (and environment) settings of the server.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "vl-serve", version, about = "OpenAI-compatible HTTP server for a vl engine directory")]
+pub struct Args {
+    /// Engine directory written by vl-export; its name is the model id.
+    #[arg(long, env = "VL_SERVE_ENGINE")]
+    pub engine: PathBuf,
+    /// Address to listen on.
+    #[arg(long, env = "VL_SERVE_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0: any free port; the one bound is printed).
+    #[arg(long, env = "VL_SERVE_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// Directory that file:// media URLs must lie under (none: file:// URLs are refused).
+    #[arg(long, env = "VL_SERVE_MEDIA_ROOT")]
+    pub media_root: Option<PathBuf>,
+    /// Largest request body in bytes (base64 media included); larger ones get 413.
+    #[arg(long, env = "VL_SERVE_MAX_BODY", default_value_t = 64 << 20)]
+    pub max_body: usize,
+    /// Sequences decoded at once.
+    #[arg(long, env = "VL_SERVE_MAX_ACTIVE", default_value_t = 8)]
+    pub max_active: usize,
+    /// Requests waiting for room before new ones get 429 (0: refuse any that cannot start now).
+    #[arg(long, env = "VL_SERVE_MAX_WAITING", default_value_t = 64)]
+    pub max_waiting: usize,
+    /// ONNX Runtime intra-op threads (default: one per core).
+    #[arg(long, env = "VL_SERVE_THREADS")]
+    pub threads: Option<usize>,
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Loading the engine directory or starting the engine failed.
+    #[error(transparent)]
+    Runtime(#[from] vl_runtime::Error),
+    /// A setting is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// Binding or serving the socket failed.
+    #[error("{what}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What every handler shares: the engine and the server's settings.
+pub struct App {
+    /// The serving engine.
+    pub engine: Engine,
+    /// The model id (the engine directory's name).
+    pub model_id: String,
+    /// Canonical media root for file:// URLs.
+    pub media_root: Option<PathBuf>,
+    /// When the engine was loaded (Unix seconds).
+    pub created: u64,
+}
+
+impl App {
+    /// Loads the engine directory and starts the engine (blocking).
+    pub fn load(args: &Args) -> Result<Self, ServeError> {
+        let media_root = match &args.media_root {
+            Some(root) => Some(
+                std::fs::canonicalize(root)
+                    .map_err(|source| ServeError::Io { what: format!("--media-root {}", root.display()), source })?,
+            ),
+            None => None,
+        };
+        let model_id = std::fs::canonicalize(&args.engine)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| args.engine.display().to_string());
+        let mut options = ModelOptions::default();
+        options.session.threads = args.threads;
+        let model = Arc::new(Model::load(&args.engine, options)?);
+        // The engine's queue refuses when `waiting >= max_waiting`, so no queue at all is its
+        // reject policy.
+        let when_full = match args.max_waiting {
+            0 => WhenFull::Reject,
+            max_waiting => WhenFull::Queue { max_waiting },
+        };
+        let engine_options = EngineOptions {
+            max_active: args.max_active,
+            slots: args.max_active,
+            when_full,
+            ..EngineOptions::default()
+        };
+        let engine = Engine::start(model, engine_options)?;
+        Ok(Self { engine, model_id, media_root, created: chat::now() })
+    }
+}
+
+/// The routes over `app`; bodies larger than `max_body` bytes get 413.
+pub fn router(app: Arc<App>, max_body: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat::completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(app)
+}
+
+async fn models(State(app): State<Arc<App>>) -> Json<Value> {
+    Json(json!({
+        "object": "list",
+        "data": [{"id": app.model_id, "object": "model", "created": app.created, "owned_by": "vl"}],
+    }))
+}
+
+async fn not_found(uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError {
+        status: axum::http::StatusCode::NOT_FOUND,
+        ..error::ApiError::invalid(format!("no route {}", uri.path()))
+    }
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError {
+        status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        ..error::ApiError::invalid(format!("{method} is not allowed on {}", uri.path()))
+    }
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready once the engine is loaded (the socket is bound only then), with what it is doing.
+async fn ready(State(app): State<Arc<App>>) -> Json<Value> {
+    let s = app.engine.stats();
+    Json(json!({"status": "ready", "active": s.active, "waiting": s.waiting}))
+}
+
+/// A loaded engine and a bound socket, ready to serve.
+pub struct Server {
+    listener: tokio::net::TcpListener,
+    router: Router,
+    addr: SocketAddr,
+    app: Arc<App>,
+}
+
+impl Server {
+    /// Loads the engine (on a blocking thread) and binds `--host:--port`.
+    pub async fn bind(args: &Args) -> Result<Self, ServeError> {
+        if args.max_active == 0 {
+            return Err(ServeError::Config("--max-active must be at least 1".into()));
+        }
+        let a = args.clone();
+        let app = tokio::task::spawn_blocking(move || App::load(&a))
+            .await
+            .map_err(|e| ServeError::Config(format!("loading the engine panicked: {e}")))??;
+        let app = Arc::new(app);
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .map_err(|source| ServeError::Io { what: format!("binding {}:{}", args.host, args.port), source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ServeError::Io { what: "reading the bound address".into(), source })?;
+        Ok(Self { listener, router: router(app.clone(), args.max_body), addr, app })
+    }
+
+    /// The address bound (the real port when `--port 0`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The shared state (the engine and its stats).
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Serves until Ctrl-C (or SIGTERM).
+    pub async fn run(self) -> Result<(), ServeError> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `shutdown` completes, then finishes the requests in flight.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|source| ServeError::Io { what: "serving".into(), source })
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -187,7 +187,8 @@ pub fn measure_concurrency(plan: &ConcurrencyPlan, log: &dyn Fn(&str)) -> Result
             .map(|i| Ok((Instant::now(), engine.submit(request(media(), plan.new_tokens, i))?)))
             .collect::<Result<Vec<_>>>()?;
         let l = level(&drain(handles)?);
-        let together = l.aggregate_tokens_per_s.map_or("never all decoding".to_string(), |t| format!("{t:7.1} tokens/s"));
+        let together =
+            l.aggregate_tokens_per_s.map_or("never all decoding".to_string(), |t| format!("{t:7.1} tokens/s"));
         log(&format!(
             "{n:>2} streams: {together} together, {:6.1} ms/token per stream (p95 {:.1}), first token p50 {:.0} ms",
             l.ms_per_token_p50, l.ms_per_token_p95, l.ttft_ms_p50
@@ -227,7 +228,8 @@ fn arrival(engine: &Engine, video: PathBuf, plan: &ConcurrencyPlan) -> Result<Ar
     let receivers = std::thread::spawn(move || drain(handles));
     // Wait until every one of them has decoded a few tokens.
     let t_wait = Instant::now();
-    while engine.stats().decode_rows < rows_before + 4 * decoding as u64 && t_wait.elapsed() < Duration::from_secs(120) {
+    while engine.stats().decode_rows < rows_before + 4 * decoding as u64 && t_wait.elapsed() < Duration::from_secs(120)
+    {
         std::thread::sleep(Duration::from_millis(5));
     }
     let before = engine.stats().prefill_tokens;

@@ -28,7 +28,7 @@ measure() {
   done
   wait "$pid"; local rc=$?
   local t1; t1=$(date +%s.%N)
-  printf '%-34s %7.1f s  peak RSS %6d MB  peak RssAnon %6d MB  %s\n' "$label" "$(echo "$t1 - $t0" | bc)" $((rss / 1024)) $((anon / 1024)) "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc, see $WORK/check-7b-$label.log)")"
+  printf '%-34s %7.1f s  peak RSS %6d MB  peak RssAnon %6d MB  %s\n' "$label" "$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" $((rss / 1024)) $((anon / 1024)) "$([ $rc = 0 ] && echo ok || echo "FAILED (exit $rc, see $WORK/check-7b-$label.log)")"
 }
 
 for layout in $LAYOUTS; do

@@ -11,7 +11,6 @@ use serde::Serialize;
 use vl_runtime::engine::{Engine, EngineOptions, Event, Handle, Pace, Request};
 use vl_runtime::generate::ms;
 use vl_runtime::model::{Media, Model, ModelOptions};
-use vl_runtime::sampling::SamplingParams;
 use vl_runtime::{GenerateOptions, SessionOptions};
 
 use crate::Result;
@@ -97,12 +96,7 @@ struct Stream {
 
 fn request(media: Media, new_tokens: usize, i: usize) -> Request {
     let questions = ["What is happening in this video?", "Describe the scene.", "What do you see?", "Who is there?"];
-    let options = GenerateOptions {
-        max_new_tokens: new_tokens,
-        ignore_eos: true,
-        sampling: SamplingParams::default(),
-        ..GenerateOptions::default()
-    };
+    let options = GenerateOptions { max_new_tokens: new_tokens, ignore_eos: true, ..GenerateOptions::default() };
     Request { options, pace: Pace::Free, ..Request::new(media, questions[i % questions.len()]) }
 }
 

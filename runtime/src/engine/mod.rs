@@ -131,9 +131,7 @@ impl Engine {
         }
         let shared = Arc::new(Shared::new());
         let worker = Worker::new(model.clone(), shared.clone(), options.clone())?;
-        let context = model.manifest().max_sequence_length;
-        let bpp = pool::bytes_per_position(&model.manifest().model);
-        let limit = context.min(budget_positions(&options, context, bpp));
+        let limit = worker.limit();
         let scheduler = std::thread::Builder::new()
             .name("vl-scheduler".into())
             .spawn(move || worker.run())

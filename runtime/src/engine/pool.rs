@@ -234,3 +234,57 @@ fn bind_input_in_place(binding: &mut IoBinding, name: &str, value: &DynValue) ->
     };
     Err(Error::Request(format!("binding {name}: {message}")))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::manifest::KvLayout;
+    use crate::memory::rss_anon_mb;
+
+    fn dims() -> ModelDims {
+        ModelDims {
+            num_frames: 8,
+            tokens_per_frame: 257,
+            tokens_per_image: 256,
+            text_hidden: 256,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 64,
+            vocab_size: 1000,
+            image_size: 224,
+            patch_size: 14,
+            vision_hidden: 64,
+            vision_intermediate: 256,
+            vision_layers: 2,
+            vision_layers_run: 2,
+            vision_feature_layers: 1,
+            text_intermediate: 512,
+            kv_dtype: DType::F32,
+            kv_layout: KvLayout::SharedBuffer,
+        }
+    }
+
+    /// Resident memory follows what is written, and a released slot's pages go back.
+    #[test]
+    fn mapped_slots_cost_memory_only_once_written_and_released_slots_give_it_back() {
+        // 64 slots of 4,096 positions: 4 maps of 128 MiB each, 512 MiB in all.
+        let before = rss_anon_mb().unwrap();
+        let mut pool = SlotPool::new(&dims(), 64, 4095).unwrap();
+        let total_mb = (pool.maps.len() * pool.maps[0].len()) as f64 / (1 << 20) as f64;
+        let base = rss_anon_mb().unwrap();
+        for map in &mut pool.maps {
+            map[..].fill(1);
+        }
+        let written = rss_anon_mb().unwrap();
+        for slot in 0..64 {
+            pool.release(slot);
+        }
+        let released = rss_anon_mb().unwrap();
+        assert!(base - before < 0.1 * total_mb, "mapping {total_mb} MB raised RssAnon by {} MB", base - before);
+        assert!(written - base > 0.9 * total_mb, "writing {total_mb} MB raised RssAnon by {} MB", written - base);
+        assert!(written - released > 0.9 * total_mb, "releasing every slot gave back {} MB", written - released);
+        assert!(pool.maps.iter().all(|m| m[pool.slot_bytes()..2 * pool.slot_bytes()].iter().all(|b| *b == 0)));
+    }
+}

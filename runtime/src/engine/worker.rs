@@ -232,6 +232,11 @@ impl Worker {
         })
     }
 
+    /// The most positions one request may take: the context, or the KV budget if smaller.
+    pub(crate) fn limit(&self) -> usize {
+        self.context.min(self.budget_positions)
+    }
+
     /// Runs until the engine stops.
     pub(crate) fn run(mut self) {
         loop {
@@ -427,7 +432,7 @@ impl Worker {
                 None => (0, 0, false),
             };
             let total = history + appended_len + max_new;
-            let limit = self.context.min(self.budget_positions);
+            let limit = self.limit();
             if total > limit {
                 let Some(q) = self.queue.pop_front() else { break };
                 let err = Error::ContextOverflow { needed: total, max_new, limit };

@@ -56,12 +56,10 @@ fn request(i: usize, pace: Pace) -> Request {
     ];
     let media = if i % 3 == 2 { Media::Text } else { video() };
     Request {
-        media,
-        question: questions[i % questions.len()].to_string(),
         options: greedy(6 + (i * 5) % 17),
-        keep: false,
         pace,
         logits: true,
+        ..Request::new(media, questions[i % questions.len()])
     }
 }
 

@@ -126,6 +126,27 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Keeps only the first `len` positions (a conversation cut back to a prefix it shares
+    /// with a new prompt). Shared buffers only forget the rest; concatenated values are copied.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        if let Store::Concat(values) = &mut self.store {
+            for v in values.iter_mut() {
+                *v = match v.try_extract_tensor::<f32>() {
+                    Ok((shape, data)) => first_positions(shape, data, len)?,
+                    Err(_) => {
+                        let (shape, data) = v.try_extract_tensor::<f16>()?;
+                        first_positions(shape, data, len)?
+                    }
+                };
+            }
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// The layout this cache feeds the decoder in.
     pub fn layout(&self) -> KvLayout {
         match self.store {
@@ -248,6 +269,24 @@ impl SharedBuffers {
         self.capacity = capacity;
         Ok(true)
     }
+}
+
+/// The first `len` positions of a `[1, heads, positions, head_dim]` value, as a new value.
+fn first_positions<T: PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
+    shape: &[i64],
+    data: &[T],
+    len: usize,
+) -> Result<DynValue> {
+    let dim = |i: usize| shape.get(i).and_then(|&d| usize::try_from(d).ok());
+    let (Some(1), Some(heads), Some(held), Some(head_dim)) = (dim(0), dim(1), dim(2), dim(3)) else {
+        return Err(Error::Request(format!("a KV value of shape {shape:?} is not [1, heads, positions, head_dim]")));
+    };
+    let mut out = Vec::with_capacity(heads * len * head_dim);
+    for h in 0..heads {
+        let start = h * held * head_dim;
+        out.extend_from_slice(&data[start..start + len.min(held) * head_dim]);
+    }
+    Ok(Tensor::from_array(([1usize, heads, len.min(held), head_dim], out))?.into_dyn())
 }
 
 /// Copies the first `held` positions of every head from `from` (capacity `old_cap`) to `to`

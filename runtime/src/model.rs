@@ -160,7 +160,7 @@ impl Model {
     }
 
     /// Number of visual tokens `media` will take, known before anything is decoded.
-    pub(crate) fn slot(&self, media: &Media) -> VisualSlot {
+    pub fn slot(&self, media: &Media) -> VisualSlot {
         let m = &self.manifest.model;
         match media {
             Media::VideoFile(_) | Media::PixelValuesFile(_) => {

@@ -111,12 +111,10 @@ impl Conversation<'_> {
         let engine = &self.pipeline.engine;
         let handle = match (&self.media, self.id) {
             (Some(media), _) => engine.submit(Request {
-                media: media.clone(),
-                question: question.to_string(),
                 options: opts.clone(),
                 keep: true,
                 pace: Pace::Lockstep,
-                logits: false,
+                ..Request::new(media.clone(), question)
             })?,
             (None, Some(conversation)) => engine.follow_up(FollowUp {
                 conversation,

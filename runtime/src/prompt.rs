@@ -22,6 +22,16 @@ pub enum VisualSlot {
     None,
 }
 
+/// An earlier question of a conversation and the answer it got, as a client of a stateless
+/// API (OpenAI's chat completions) sends them back with its next question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    /// The user's question.
+    pub question: String,
+    /// The assistant's answer.
+    pub answer: String,
+}
+
 /// Turns questions into token ids.
 pub struct PromptBuilder<'a> {
     tokenizer: &'a Tokenizer,
@@ -137,6 +147,26 @@ impl<'a> PromptBuilder<'a> {
         Ok(())
     }
 
+    /// Token ids of a whole conversation: the first turn (showing `slot`) asks the first
+    /// question, each earlier answer is followed by the next question, and `question` comes
+    /// last. With no earlier exchanges this is [`Self::first_turn`]. The ids are laid out as a
+    /// kept conversation's would be (first turn, answer ids, [`Self::next_turn`]), so that a
+    /// cached conversation whose answer tokenizes the same shares them as a prefix.
+    pub fn conversation(&self, slot: VisualSlot, earlier: &[Exchange], question: &str) -> Result<Vec<u32>> {
+        let Some(first) = earlier.first() else { return self.first_turn(slot, question) };
+        let mut ids = self.first_turn(slot, &first.question)?;
+        let next_questions = earlier[1..].iter().map(|e| e.question.as_str()).chain(std::iter::once(question));
+        for (exchange, next) in earlier.iter().zip(next_questions) {
+            let answer = self.encode(&exchange.answer, false)?;
+            if answer.contains(&self.special.video) || answer.contains(&self.special.image) {
+                return Err(Error::Request("an earlier answer cannot contain visual placeholders".into()));
+            }
+            ids.extend(answer);
+            ids.extend(self.next_turn(next)?);
+        }
+        Ok(ids)
+    }
+
     /// Token ids that close the previous answer and ask `question` (no BOS).
     pub fn next_turn(&self, question: &str) -> Result<Vec<u32>> {
         let t = self.template;
@@ -219,5 +249,23 @@ mod tests {
         // The placeholder id typed as text would add visual positions.
         assert!(matches!(b.first_turn(VisualSlot::Video { tokens: 6 }, "<unk>"), Err(Error::Request(_))));
         assert!(b.next_turn("hi").is_ok());
+    }
+
+    #[test]
+    fn a_conversation_lays_out_as_a_kept_one() -> Result<()> {
+        let (tok, template) = (tokenizer(), original_template());
+        let b = PromptBuilder::new(&tok, &template, &SPECIAL);
+        let earlier = [Exchange { question: "hi".into(), answer: "x".into() }];
+        let ids = b.conversation(VisualSlot::None, &earlier, "hi")?;
+        let mut kept = b.first_turn(VisualSlot::None, "hi")?;
+        kept.push(7);
+        kept.extend(b.next_turn("hi")?);
+        assert_eq!(ids, kept);
+        assert_eq!(ids, vec![1, 3, 4, 6, 5, 7, 2, 4, 6, 5]);
+        assert_eq!(b.conversation(VisualSlot::None, &[], "hi")?, b.first_turn(VisualSlot::None, "hi")?);
+        // An answer that reads as a placeholder (here: an unknown word, id 0) would open a slot.
+        let bad = [Exchange { question: "hi".into(), answer: "zzz".into() }];
+        assert!(matches!(b.conversation(VisualSlot::None, &bad, "hi"), Err(Error::Request(_))));
+        Ok(())
     }
 }

@@ -20,6 +20,11 @@
 //!   conversation keeps its token history and visual features, and its next follow-up prefills
 //!   them again (recompute, as vLLM preempts) before the new question: the answer is the same.
 //!
+//! - **prefix cache**: a request with a [`Request::cache_key`] (the media's identity) looks for
+//!   a finished conversation about the same media whose tokens start its prompt, takes it and
+//!   prefills only the rest: a stateless API's follow-up (the whole history sent again) costs
+//!   its new tokens, not the video again. Answers are the same as without it (see `prefix.rs`).
+//!
 //! Cancelling a request (or dropping its [`Handle`]) frees its slot at the next step.
 //!
 //! ```no_run
@@ -48,6 +53,7 @@
 mod options;
 mod plan;
 mod pool;
+mod prefix;
 mod request;
 mod worker;
 
@@ -65,7 +71,7 @@ use crate::generate::Decoding;
 use crate::model::{Media, Model};
 use crate::prompt::PromptBuilder;
 use request::Control;
-use worker::{Client, Continue, Msg, Shared, Start, Worker};
+use worker::{Client, Continue, Lookup, Msg, Shared, Start, Worker};
 
 /// What the engine is doing, as of its last step.
 #[derive(Debug, Clone, Default)]
@@ -90,6 +96,15 @@ pub struct EngineStats {
     pub prefill_tokens: u64,
     /// Idle conversations evicted to make room.
     pub evictions: u64,
+    /// KV bytes held or reserved by sequences prefilling or decoding (the rest of
+    /// `kv_bytes_held` is idle conversations').
+    pub kv_bytes_active: u64,
+    /// Conversations in the prefix cache.
+    pub prefix_cached: usize,
+    /// Requests that continued from a cached conversation.
+    pub prefix_hits: u64,
+    /// Prompt tokens those requests did not prefill again.
+    pub prefix_tokens_reused: u64,
     /// Whether decode steps batch sequences into one call (the in-place decoder).
     pub batched: bool,
 }
@@ -103,7 +118,7 @@ fn budget_positions(options: &EngineOptions, context: usize, bytes_per_position:
 }
 
 /// A media decode and vision run, then the request goes to the scheduler.
-struct VisionJob {
+pub(crate) struct VisionJob {
     media: Media,
     start: Box<Start>,
 }
@@ -130,13 +145,14 @@ impl Engine {
             )));
         }
         let shared = Arc::new(Shared::new());
-        let worker = Worker::new(model.clone(), shared.clone(), options.clone())?;
+        let (vision_tx, vision_rx) = channel::<VisionJob>();
+        // The scheduler sends the prefix cache's misses to the vision thread.
+        let worker = Worker::new(model.clone(), shared.clone(), options.clone(), vision_tx.clone())?;
         let limit = worker.limit();
         let scheduler = std::thread::Builder::new()
             .name("vl-scheduler".into())
             .spawn(move || worker.run())
             .map_err(|e| Error::Request(format!("could not start the scheduler thread: {e}")))?;
-        let (vision_tx, vision_rx) = channel::<VisionJob>();
         let (vm, vs) = (model.clone(), shared.clone());
         let vision = std::thread::Builder::new()
             .name("vl-vision".into())
@@ -202,8 +218,11 @@ impl Engine {
         let started = Instant::now();
         let decoding = Decoding::new(&request.options, self.model.manifest().tokens.eos, started)?;
         let m = self.model.manifest();
-        let prompt = PromptBuilder::new(self.model.tokenizer(), &m.chat_template, &m.tokens)
-            .first_turn(self.model.slot(&request.media), &request.question)?;
+        let prompt = PromptBuilder::new(self.model.tokenizer(), &m.chat_template, &m.tokens).conversation(
+            self.model.slot(&request.media),
+            &request.earlier,
+            &request.question,
+        )?;
         let max_new = request.options.max_new_tokens;
         if prompt.len() + max_new > self.limit {
             return Err(Error::ContextOverflow { needed: prompt.len() + max_new, max_new, limit: self.limit });
@@ -211,10 +230,17 @@ impl Engine {
         self.enqueue()?;
         let (client, mut handle) = self.client(request.pace, request.logits);
         let conv = ConversationId(self.next_conversation.fetch_add(1, Ordering::Relaxed));
-        if request.keep {
+        let cache = request.cache_key.filter(|_| self.options.prefix_cache > 0);
+        if request.keep && cache.is_none() {
             handle.conversation = Some(conv);
         }
-        let start = Box::new(Start { conv, keep: request.keep, prompt, visual: None, max_new, decoding, client });
+        let keep = request.keep && cache.is_none();
+        let start = Box::new(Start { conv, keep, cache, prompt, visual: None, max_new, decoding, client });
+        if start.cache.is_some() {
+            // The scheduler looks in the prefix cache, and sends a miss with media to vision.
+            self.shared.send(Msg::Lookup(Box::new(Lookup { media: request.media, start })));
+            return Ok(handle);
+        }
         match (&request.media, &self.vision) {
             (Media::Text, _) => self.shared.send(Msg::Start(start)),
             (media, Some(vision)) => {

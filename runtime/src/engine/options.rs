@@ -16,6 +16,12 @@ pub struct EngineOptions {
     pub prefill_chunk_tokens: usize,
     /// What happens to a request that cannot start when it arrives.
     pub when_full: WhenFull,
+    /// Finished conversations kept for requests that carry a
+    /// [`crate::engine::Request::cache_key`] (the prefix cache); beyond this many, the least
+    /// recently used are dropped. They hold KV slots only while no request needs the room
+    /// (then they are evicted like any idle conversation, keeping their tokens and visual
+    /// features). 0: no prefix cache.
+    pub prefix_cache: usize,
 }
 
 impl Default for EngineOptions {
@@ -26,6 +32,7 @@ impl Default for EngineOptions {
             kv_budget_bytes: None,
             prefill_chunk_tokens: 512,
             when_full: WhenFull::Queue { max_waiting: 64 },
+            prefix_cache: 8,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::error::{Error, Result};
 use crate::generate::{Answer, Flow, GenerateOptions, TokenEvent};
 use crate::model::Media;
+use crate::prompt::Exchange;
 
 /// A conversation the engine keeps (KV cache and history) for follow-up questions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -30,6 +31,17 @@ pub struct Request {
     pub media: Media,
     /// The user's question.
     pub question: String,
+    /// Earlier questions and answers of this conversation, oldest first, when the caller keeps
+    /// the history itself (a stateless API): the first of them shows `media`, and `question`
+    /// comes after the last.
+    pub earlier: Vec<Exchange>,
+    /// Identity of `media`'s content (e.g. a hash of its bytes; any fixed string for text).
+    /// With it, the conversation goes to the prefix cache when its answer is done, and the
+    /// request itself continues from a cached conversation with the same key whose tokens
+    /// start its prompt (see [`crate::engine::EngineOptions::prefix_cache`]). Such a
+    /// conversation belongs to the cache: [`Done::conversation`] is `None`, and `keep` is
+    /// ignored.
+    pub cache_key: Option<String>,
     /// Sampling, length and stop conditions.
     pub options: GenerateOptions,
     /// Keep the conversation (its KV cache) for [`FollowUp`]s; it is held until
@@ -47,6 +59,8 @@ impl Request {
         Self {
             media,
             question: question.into(),
+            earlier: Vec::new(),
+            cache_key: None,
             options: GenerateOptions::default(),
             keep: false,
             pace: Pace::Free,

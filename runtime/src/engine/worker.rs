@@ -16,13 +16,14 @@ use ort::value::Tensor;
 
 use super::plan::{self, Idle, Room, SeqState};
 use super::pool::{DecodeRow, SlotPool};
+use super::prefix::{self, PrefixIndex};
 use super::request::{Control, ConversationId, Done, Event, Pace};
-use super::{EngineOptions, EngineStats, WhenFull};
+use super::{EngineOptions, EngineStats, VisionJob, WhenFull};
 use crate::error::{Error, Overload, Result};
 use crate::generate::{Decoding, FinishReason, Flow, Next, Splice, ms, splice_features};
 use crate::kv_cache::KvCache;
 use crate::manifest::KvLayout;
-use crate::model::{Model, Visual};
+use crate::model::{Media, Model, Visual};
 use crate::prompt::PromptBuilder;
 
 /// How long a step waits for lockstep receivers to acknowledge their last token before it runs
@@ -41,6 +42,8 @@ pub(crate) struct Client {
 pub(crate) struct Start {
     pub(crate) conv: ConversationId,
     pub(crate) keep: bool,
+    /// The media's identity, for the prefix cache.
+    pub(crate) cache: Option<String>,
     pub(crate) prompt: Vec<u32>,
     pub(crate) visual: Option<Visual>,
     pub(crate) max_new: usize,
@@ -57,9 +60,16 @@ pub(crate) struct Continue {
     pub(crate) client: Client,
 }
 
+/// A first request with a cache key: its prompt built, its media not yet seen.
+pub(crate) struct Lookup {
+    pub(crate) media: Media,
+    pub(crate) start: Box<Start>,
+}
+
 /// What the scheduler is told.
 pub(crate) enum Msg {
     Start(Box<Start>),
+    Lookup(Box<Lookup>),
     Continue(Box<Continue>),
     Close(ConversationId),
 }
@@ -133,6 +143,8 @@ struct Conv {
     /// The placeholder id and the features spliced at its positions.
     visual: Option<(u32, Arc<Array2<f32>>)>,
     keep: bool,
+    /// Its media's identity, when it belongs to the prefix cache.
+    cache: Option<String>,
     busy: bool,
     /// Positions counted against the budget: held, or reserved while answering.
     reserved: usize,
@@ -198,10 +210,17 @@ pub(crate) struct Worker {
     running: Vec<Running>,
     tick: u64,
     stats: EngineStats,
+    vision: Sender<VisionJob>,
+    prefix: PrefixIndex,
 }
 
 impl Worker {
-    pub(crate) fn new(model: Arc<Model>, shared: Arc<Shared>, options: EngineOptions) -> Result<Self> {
+    pub(crate) fn new(
+        model: Arc<Model>,
+        shared: Arc<Shared>,
+        options: EngineOptions,
+        vision: Sender<VisionJob>,
+    ) -> Result<Self> {
         let dims = model.manifest().model.clone();
         let context = model.manifest().max_sequence_length;
         let bytes_per_position = super::pool::bytes_per_position(&dims);
@@ -229,6 +248,8 @@ impl Worker {
             running: Vec::new(),
             tick: 0,
             stats,
+            vision,
+            prefix: PrefixIndex::default(),
         })
     }
 
@@ -298,6 +319,7 @@ impl Worker {
         for msg in msgs {
             match msg {
                 Msg::Start(start) => self.queue.push_back(Queued::Start(start)),
+                Msg::Lookup(l) => self.lookup(*l),
                 Msg::Continue(c) => match self.follow_up_ids(&c) {
                     Ok(ids) => {
                         if let Some(conv) = self.convs.get_mut(&c.conv) {
@@ -319,6 +341,87 @@ impl Worker {
         }
         let m = self.model.manifest();
         PromptBuilder::new(self.model.tokenizer(), &m.chat_template, &m.tokens).next_turn(&c.question)
+    }
+
+    /// Continues a request from the cached conversation about the same media that shares the
+    /// most of its prompt, if one is worth it; else starts it afresh (through vision).
+    fn lookup(&mut self, l: Lookup) {
+        let Lookup { media, mut start } = l;
+        let key = start.cache.as_deref();
+        let best = self
+            .prefix
+            .recent_first()
+            .filter_map(|id| {
+                let c = self.convs.get(&id)?;
+                if c.busy || c.cache.as_deref() != key {
+                    return None;
+                }
+                let shared = prefix::shared_len(&c.history, c.unfed, &start.prompt);
+                let held = c.history.len() + usize::from(c.unfed.is_some());
+                prefix::worth_taking(shared, held, c.visual.is_some()).then_some((id, shared))
+            })
+            .max_by_key(|&(_, shared)| shared);
+        let Some((id, shared)) = best else {
+            match media {
+                Media::Text => self.queue.push_back(Queued::Start(start)),
+                media => {
+                    if let Err(job) = self.vision.send(VisionJob { media, start }) {
+                        self.refuse(&job.0.start.client, Error::EngineStopped);
+                    }
+                }
+            }
+            return;
+        };
+        self.prefix.take(id);
+        let Some(conv) = self.convs.get_mut(&id) else { return };
+        // Keep the shared ids: the history's, and the unfed token when it is shared too.
+        if shared <= conv.history.len() {
+            conv.history.truncate(shared);
+            conv.unfed = None;
+        }
+        match &self.backend {
+            Backend::Pool(_) => conv.len = conv.len.min(conv.history.len()),
+            Backend::PerSequence => {
+                let keep = conv.history.len();
+                if conv.len > keep {
+                    match conv.kv.as_mut().map(|kv| kv.truncate(keep)) {
+                        Some(Ok(())) => conv.len = keep,
+                        // Nothing lost but time: the history is prefilled again.
+                        _ => {
+                            conv.kv = None;
+                            conv.len = 0;
+                        }
+                    }
+                }
+            }
+        }
+        conv.reserved = if conv.slot.is_some() { conv.len } else { 0 };
+        conv.busy = true;
+        self.stats.prefix_hits += 1;
+        self.stats.prefix_tokens_reused += shared as u64;
+        let ids = start.prompt.split_off(shared);
+        let Start { max_new, decoding, client, .. } = *start;
+        let msg = Continue { conv: id, question: String::new(), max_new, decoding, client };
+        self.queue.push_back(Queued::Continue { msg: Box::new(msg), ids });
+    }
+
+    /// Brings the prefix cache up to date: finished cached conversations go back in (most
+    /// recently used last), and the least recently used beyond its capacity are dropped.
+    fn sync_prefix(&mut self) {
+        let convs = &self.convs;
+        self.prefix.retain(|id| convs.get(id).is_some_and(|c| !c.busy));
+        let mut back: Vec<(u64, ConversationId)> = convs
+            .iter()
+            .filter(|(id, c)| c.cache.is_some() && !c.busy && !self.prefix.contains(**id))
+            .map(|(id, c)| (c.last_used, *id))
+            .collect();
+        back.sort_unstable_by_key(|&(used, id)| (used, id.0));
+        for (_, id) in back {
+            self.prefix.push(id);
+        }
+        for id in self.prefix.overflow(self.options.prefix_cache) {
+            self.drop_conv(id);
+        }
     }
 
     /// Fails a request that was never admitted.
@@ -398,12 +501,12 @@ impl Worker {
             }
         };
         self.shared.waiting.fetch_sub(1, Ordering::AcqRel);
-        let context_len = match self.convs.get_mut(&conv) {
+        let (keep, context_len) = match self.convs.get_mut(&conv) {
             Some(c) => {
                 c.busy = false;
-                c.len
+                (keep && c.cache.is_none(), c.len)
             }
-            None => 0,
+            None => (false, 0),
         };
         let event = match decoding.finish(self.model.tokenizer(), FinishReason::Cancelled, &mut |_| Flow::Continue) {
             Ok((answer, _)) => Event::Done(Done { answer, conversation: keep.then_some(conv), context_len }),
@@ -512,7 +615,8 @@ impl Worker {
                         history: Vec::new(),
                         unfed: None,
                         visual,
-                        keep: s.keep,
+                        keep: s.keep || s.cache.is_some(),
+                        cache: s.cache,
                         busy: true,
                         reserved: 0,
                         last_used: self.tick,
@@ -844,7 +948,8 @@ impl Worker {
             }
             None => (false, 0),
         };
-        let done = Done { answer, conversation: keep.then_some(id), context_len };
+        let exposed = keep && self.convs.get(&id).is_some_and(|c| c.cache.is_none());
+        let done = Done { answer, conversation: exposed.then_some(id), context_len };
         let _ = r.client.events.send(Event::Done(done));
         self.mark_finished(i);
         if !keep {
@@ -867,6 +972,10 @@ impl Worker {
     }
 
     fn publish(&mut self) {
+        self.sync_prefix();
+        self.stats.prefix_cached = self.prefix.len();
+        let active: usize = self.convs.values().filter(|c| c.slot.is_some() && c.busy).map(|c| c.reserved).sum();
+        self.stats.kv_bytes_active = active as u64 * self.bytes_per_position;
         self.stats.waiting = self.shared.waiting.load(Ordering::Acquire);
         self.stats.active = self.running.len();
         self.stats.conversations = self.convs.len();
@@ -886,6 +995,7 @@ impl Worker {
         for msg in msgs {
             match msg {
                 Msg::Start(s) => self.refuse(&s.client, Error::EngineStopped),
+                Msg::Lookup(l) => self.refuse(&l.start.client, Error::EngineStopped),
                 Msg::Continue(c) => self.refuse(&c.client, Error::EngineStopped),
                 Msg::Close(_) => {}
             }

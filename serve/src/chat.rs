@@ -3,6 +3,7 @@
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -15,7 +16,7 @@ use vl_runtime::GenerateOptions;
 use vl_runtime::engine::{Done, Event, Handle, Request};
 use vl_runtime::generate::FinishReason;
 use vl_runtime::model::Media;
-use vl_runtime::prompt::{PromptBuilder, VisualSlot};
+use vl_runtime::prompt::{Exchange, PromptBuilder};
 use vl_runtime::sampling::SamplingParams;
 
 use crate::App;
@@ -25,37 +26,42 @@ use crate::api::{
 use crate::error::ApiError;
 use crate::media::{self, Kind, Resolved};
 
-/// What the engine is asked: the media (its URL) and the question.
+/// What the engine is asked: the media (its URL), the earlier exchanges and the question.
 #[derive(Debug, PartialEq)]
 pub struct Turn {
     /// The one media part, with its kind and URL.
     pub media: Option<(Kind, String)>,
-    /// The question: system text, then the user's text.
+    /// Earlier questions and the assistant's answers, oldest first.
+    pub earlier: Vec<Exchange>,
+    /// The question: the user's text (system text first, when it is the first question).
     pub question: String,
 }
 
-/// Maps OpenAI messages onto one first turn. Earlier assistant turns are refused (multi-turn
-/// is not supported yet); system (and developer) messages are prepended to the question;
-/// consecutive user messages are one turn, their texts joined by blank lines; the one media
-/// item, if any, must be in the first user message.
+/// Maps OpenAI messages onto a conversation: system (and developer) messages are prepended to
+/// the first question; consecutive user messages are one question, their texts joined by new
+/// lines; each assistant message answers the question before it; the last message is the
+/// user's. The one media item, if any, must be in the first question.
 pub fn turn(messages: Vec<crate::api::Message>) -> Result<Turn, ApiError> {
     let mut system = Vec::new();
-    let mut user = Vec::new();
+    let mut earlier = Vec::new();
+    let mut user: Option<Vec<String>> = None;
     let mut media = None;
-    let mut users = 0;
     for m in messages {
         match m.role {
             Role::Assistant => {
-                return Err(ApiError::invalid(
-                    "multi-turn conversations (messages with role assistant) are not supported yet: \
-                     send the media and one question",
-                )
-                .param("messages"));
+                let Some(texts) = user.take() else {
+                    return Err(ApiError::invalid("an assistant message must answer a user message").param("messages"));
+                };
+                let mut question = texts.join("\n");
+                if earlier.is_empty() {
+                    question = with_system(&system, question);
+                }
+                earlier.push(Exchange { question, answer: text_only(m.content)? });
             }
             Role::System | Role::Developer => system.push(text_only(m.content)?),
             Role::User => {
-                users += 1;
-                let mut texts = Vec::new();
+                let first = earlier.is_empty();
+                let texts = user.get_or_insert_with(Vec::new);
                 for part in parts(m.content) {
                     let (kind, url) = match part {
                         Part::Text { text } => {
@@ -66,24 +72,37 @@ pub fn turn(messages: Vec<crate::api::Message>) -> Result<Turn, ApiError> {
                         Part::VideoUrl { video_url } => (Kind::Video, video_url.url),
                     };
                     if media.is_some() {
-                        return Err(ApiError::invalid("at most one image or video per request").param("messages"));
+                        return Err(ApiError::invalid("at most one image or video per conversation").param("messages"));
                     }
-                    if users > 1 {
+                    if !first {
                         return Err(
                             ApiError::invalid("the image or video must be in the first user message").param("messages")
                         );
                     }
                     media = Some((kind, url));
                 }
-                user.push(texts.join("\n"));
             }
         }
     }
-    if users == 0 {
-        return Err(ApiError::invalid("messages must hold a user message").param("messages"));
+    let Some(texts) = user else {
+        let what = if earlier.is_empty() {
+            "messages must hold a user message"
+        } else {
+            "the last message must be the user's"
+        };
+        return Err(ApiError::invalid(what).param("messages"));
+    };
+    let mut question = texts.join("\n");
+    if earlier.is_empty() {
+        question = with_system(&system, question);
     }
-    let question = system.into_iter().chain(user).filter(|t| !t.is_empty()).collect::<Vec<_>>().join("\n\n");
-    Ok(Turn { media, question })
+    Ok(Turn { media, earlier, question })
+}
+
+/// System texts, then the question, separated by blank lines (empty ones left out).
+fn with_system(system: &[String], question: String) -> String {
+    let parts = system.iter().map(String::as_str).chain(std::iter::once(question.as_str()));
+    parts.filter(|t| !t.is_empty()).collect::<Vec<_>>().join("\n\n")
 }
 
 fn parts(content: Option<Content>) -> Vec<Part> {
@@ -161,12 +180,14 @@ fn submit(app: &App, body: &[u8]) -> Result<Submitted, ApiError> {
     }
     let options = options(&mut r)?;
     let turn = turn(std::mem::take(&mut r.messages))?;
-    let Resolved { media, temp } = match &turn.media {
+    let Resolved { media, temp, key } = match &turn.media {
         Some((kind, url)) => media::resolve(*kind, url, app.media_root.as_deref())?,
-        None => Resolved { media: Media::Text, temp: None },
+        None => Resolved { media: Media::Text, temp: None, key: "text".into() },
     };
-    let prompt_tokens = prompt_tokens(app, &media, &turn.question)?;
+    let prompt_tokens = prompt_tokens(app, &media, &turn.earlier, &turn.question)?;
     let mut request = Request::new(media, turn.question);
+    request.earlier = turn.earlier;
+    request.cache_key = Some(key);
     request.options = options;
     let handle = app.engine.submit(request)?;
     let include_usage = r.stream_options.is_some_and(|o| o.include_usage);
@@ -174,27 +195,31 @@ fn submit(app: &App, body: &[u8]) -> Result<Submitted, ApiError> {
 }
 
 /// Tokens of the prompt, visual tokens included (as the engine lays it out).
-fn prompt_tokens(app: &App, media: &Media, question: &str) -> Result<usize, ApiError> {
+fn prompt_tokens(app: &App, media: &Media, earlier: &[Exchange], question: &str) -> Result<usize, ApiError> {
     let model = app.engine.model();
     let m = model.manifest();
-    let slot = match media {
-        Media::VideoFile(_) | Media::PixelValuesFile(_) => {
-            VisualSlot::Video { tokens: m.preprocess.frames * m.model.tokens_per_frame }
-        }
-        Media::VideoPixels(px) => VisualSlot::Video { tokens: px.shape()[1] * m.model.tokens_per_frame },
-        Media::ImageFile(_) | Media::ImagePixels(_) => VisualSlot::Image { tokens: m.model.tokens_per_image },
-        _ => VisualSlot::None,
-    };
-    Ok(PromptBuilder::new(model.tokenizer(), &m.chat_template, &m.tokens).first_turn(slot, question)?.len())
+    let ids = PromptBuilder::new(model.tokenizer(), &m.chat_template, &m.tokens).conversation(
+        model.slot(media),
+        earlier,
+        question,
+    )?;
+    Ok(ids.len())
 }
 
-/// Forwards a handle's events into a tokio channel from a blocking thread; the handle (and
-/// so the request) is dropped, which cancels it, as soon as the receiver is gone.
-fn forward(handle: Handle, temp: Option<NamedTempFile>) -> mpsc::Receiver<Event> {
+/// Forwards a handle's events into a tokio channel from a blocking thread, timing each token
+/// (from `arrived`) for the metrics; the handle (and so the request) is dropped, which cancels
+/// it, as soon as the receiver is gone.
+fn forward(app: Arc<App>, arrived: Instant, handle: Handle, temp: Option<NamedTempFile>) -> mpsc::Receiver<Event> {
     let (tx, rx) = mpsc::channel(64);
     tokio::task::spawn_blocking(move || {
         let _temp = temp;
+        let mut previous = None;
         while let Some(event) = handle.recv() {
+            if let Event::Token { id: Some(_), .. } = event {
+                let now = Instant::now();
+                app.metrics.token(arrived, previous, now);
+                previous = Some(now);
+            }
             let last = matches!(event, Event::Done(_) | Event::Failed(_));
             if tx.blocking_send(event).is_err() || last {
                 break;
@@ -224,20 +249,23 @@ fn completion_id() -> String {
 
 /// The handler of `POST /v1/chat/completions`.
 pub async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match answer(app, body).await {
+    let arrived = Instant::now();
+    let response = match answer(app.clone(), arrived, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    app.metrics.request(response.status().as_u16());
+    response
 }
 
-async fn answer(app: Arc<App>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn answer(app: Arc<App>, arrived: Instant, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let body = body?;
     let a = app.clone();
     let submitted = tokio::task::spawn_blocking(move || submit(&a, &body))
         .await
         .map_err(|e| ApiError::internal(format!("request task failed: {e}")))??;
     let Submitted { handle, temp, stream, include_usage, prompt_tokens } = submitted;
-    let mut events = forward(handle, temp);
+    let mut events = forward(app.clone(), arrived, handle, temp);
     // The first event decides the status: a request refused or failed before its first token
     // (overloaded, bad media) gets an error reply, not a stream.
     let first = match events.recv().await {
@@ -387,17 +415,34 @@ mod tests {
         .unwrap();
         assert_eq!(t.media, Some((Kind::Video, "file:///v.mp4".to_string())));
         assert_eq!(t.question, "Be brief.\n\nWhat happens?");
+        assert!(t.earlier.is_empty());
     }
 
     #[test]
-    fn refuses_what_one_turn_cannot_hold() {
-        let assistant = r#"[{"role":"user","content":"a"},{"role":"assistant","content":"b"},
-                            {"role":"user","content":"c"}]"#;
+    fn assistant_messages_answer_the_question_before_them() {
+        let t = turn(messages(
+            r#"[{"role":"system","content":"Be brief."},
+                {"role":"user","content":[{"type":"image_url","image_url":{"url":"data:,"}},{"type":"text","text":"a"}]},
+                {"role":"user","content":"a2"},
+                {"role":"assistant","content":"b"},
+                {"role":"user","content":"c"}]"#,
+        ))
+        .unwrap();
+        assert_eq!(t.earlier, vec![Exchange { question: "Be brief.\n\na\na2".into(), answer: "b".into() }]);
+        assert_eq!(t.question, "c");
+        assert_eq!(t.media, Some((Kind::Image, "data:,".to_string())));
+    }
+
+    #[test]
+    fn refuses_what_a_conversation_cannot_hold() {
+        let assistant_first = r#"[{"role":"assistant","content":"b"},{"role":"user","content":"c"}]"#;
+        let assistant_last = r#"[{"role":"user","content":"a"},{"role":"assistant","content":"b"}]"#;
+        let media_later = r#"[{"role":"user","content":"a"},{"role":"assistant","content":"b"},
+                              {"role":"user","content":[{"type":"image_url","image_url":{"url":"data:,"}}]}]"#;
         let two_media = r#"[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:,"}},
                                                      {"type":"image_url","image_url":{"url":"data:,"}}]}]"#;
-        let late_media = r#"[{"role":"user","content":"a"},
-                             {"role":"user","content":[{"type":"image_url","image_url":{"url":"data:,"}}]}]"#;
-        for bad in [assistant, two_media, late_media, r#"[{"role":"system","content":"x"}]"#] {
+        let system_only = r#"[{"role":"system","content":"x"}]"#;
+        for bad in [assistant_first, assistant_last, media_later, two_media, system_only] {
             assert_eq!(turn(messages(bad)).unwrap_err().status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
         }
     }

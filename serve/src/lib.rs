@@ -1,9 +1,11 @@
 //! vl-serve: an OpenAI-compatible HTTP server over vl-runtime's serving engine.
 //!
 //! Routes: `POST /v1/chat/completions` (OpenAI's schema; `stream: true` sends server-sent
-//! `chat.completion.chunk` events), `GET /v1/models`, `GET /health`, `GET /ready`. Media come
-//! as `image_url` / `video_url` content parts (vLLM's schema) holding a base64 `data:` URL or
-//! a `file://` path under `--media-root`. Errors are OpenAI's error object.
+//! `chat.completion.chunk` events), `GET /v1/models`, `GET /health`, `GET /ready`,
+//! `GET /metrics` (OpenMetrics text). Media come as `image_url` / `video_url` content parts
+//! (vLLM's schema) holding a base64 `data:` URL or a `file://` path under `--media-root`.
+//! Errors are OpenAI's error object. A request whose messages extend an earlier one's (same
+//! media, same tokens) continues from that conversation's KV cache (the engine's prefix cache).
 //!
 //! ```no_run
 //! use clap::Parser;
@@ -20,11 +22,14 @@ pub mod api;
 pub mod chat;
 pub mod error;
 pub mod media;
+pub mod metrics;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
@@ -59,6 +64,23 @@ pub struct Args {
     /// Requests waiting for room before new ones get 429 (0: refuse any that cannot start now).
     #[arg(long, env = "VL_SERVE_MAX_WAITING", default_value_t = 64)]
     pub max_waiting: usize,
+    /// KV slots: the active sequences plus idle conversations kept for follow-ups (default:
+    /// twice --max-active).
+    #[arg(long, env = "VL_SERVE_SLOTS")]
+    pub slots: Option<usize>,
+    /// KV cache memory the engine may hold, in MiB (default: every slot at full context).
+    #[arg(long, env = "VL_SERVE_KV_BUDGET_MB")]
+    pub kv_budget_mb: Option<u64>,
+    /// Prompt tokens prefilled per step besides the decode rows (chunked prefill).
+    #[arg(long, env = "VL_SERVE_PREFILL_CHUNK", default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Finished conversations kept for follow-ups and other questions about the same media
+    /// (the prefix cache; 0: off).
+    #[arg(long, env = "VL_SERVE_PREFIX_CACHE", default_value_t = 16)]
+    pub prefix_cache: usize,
+    /// On SIGTERM or Ctrl-C: seconds to let requests in flight finish before they are cancelled.
+    #[arg(long, env = "VL_SERVE_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
     /// ONNX Runtime intra-op threads (default: one per core).
     #[arg(long, env = "VL_SERVE_THREADS")]
     pub threads: Option<usize>,
@@ -95,6 +117,10 @@ pub struct App {
     pub media_root: Option<PathBuf>,
     /// When the engine was loaded (Unix seconds).
     pub created: u64,
+    /// Counters and histograms of `/metrics`.
+    pub metrics: metrics::Metrics,
+    /// Set once shutdown began: `/ready` answers 503 so load balancers stop sending.
+    pub draining: AtomicBool,
 }
 
 impl App {
@@ -122,12 +148,21 @@ impl App {
         };
         let engine_options = EngineOptions {
             max_active: args.max_active,
-            slots: args.max_active,
+            slots: args.slots.unwrap_or(2 * args.max_active),
+            kv_budget_bytes: args.kv_budget_mb.map(|mb| mb << 20),
+            prefill_chunk_tokens: args.prefill_chunk,
             when_full,
-            ..EngineOptions::default()
+            prefix_cache: args.prefix_cache,
         };
         let engine = Engine::start(model, engine_options)?;
-        Ok(Self { engine, model_id, media_root, created: chat::now() })
+        Ok(Self {
+            engine,
+            model_id,
+            media_root,
+            created: chat::now(),
+            metrics: metrics::Metrics::new(),
+            draining: AtomicBool::new(false),
+        })
     }
 }
 
@@ -138,6 +173,7 @@ pub fn router(app: Arc<App>, max_body: usize) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
@@ -169,10 +205,20 @@ async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready once the engine is loaded (the socket is bound only then), with what it is doing.
-async fn ready(State(app): State<Arc<App>>) -> Json<Value> {
+/// Ready once the engine is loaded (the socket is bound only then), with what it is doing;
+/// 503 once shutdown began.
+async fn ready(State(app): State<Arc<App>>) -> (axum::http::StatusCode, Json<Value>) {
     let s = app.engine.stats();
-    Json(json!({"status": "ready", "active": s.active, "waiting": s.waiting}))
+    if app.draining.load(Ordering::Acquire) {
+        let body = json!({"status": "draining", "active": s.active, "waiting": s.waiting});
+        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, Json(body));
+    }
+    (axum::http::StatusCode::OK, Json(json!({"status": "ready", "active": s.active, "waiting": s.waiting})))
+}
+
+async fn metrics_text(State(app): State<Arc<App>>) -> impl axum::response::IntoResponse {
+    let text = app.metrics.render(&app.engine.stats());
+    ([(axum::http::header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text)
 }
 
 /// A loaded engine and a bound socket, ready to serve.
@@ -181,6 +227,7 @@ pub struct Server {
     router: Router,
     addr: SocketAddr,
     app: Arc<App>,
+    shutdown_timeout: Duration,
 }
 
 impl Server {
@@ -200,7 +247,8 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|source| ServeError::Io { what: "reading the bound address".into(), source })?;
-        Ok(Self { listener, router: router(app.clone(), args.max_body), addr, app })
+        let shutdown_timeout = Duration::from_secs(args.shutdown_timeout);
+        Ok(Self { listener, router: router(app.clone(), args.max_body), addr, app, shutdown_timeout })
     }
 
     /// The address bound (the real port when `--port 0`).
@@ -218,12 +266,35 @@ impl Server {
         self.run_until(shutdown_signal()).await
     }
 
-    /// Serves until `shutdown` completes, then finishes the requests in flight.
+    /// Serves until `shutdown` completes; then stops accepting, lets the requests in flight
+    /// finish for at most `--shutdown-timeout` seconds, and cancels the rest.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|source| ServeError::Io { what: "serving".into(), source })
+        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
+        let app = self.app.clone();
+        let signal = async move {
+            shutdown.await;
+            app.draining.store(true, Ordering::Release);
+            let s = app.engine.stats();
+            eprintln!("vl-serve: shutting down; {} active and {} waiting requests", s.active, s.waiting);
+            let _ = began_tx.send(());
+        };
+        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(signal).into_future();
+        let timeout = self.shutdown_timeout;
+        let deadline = async move {
+            if began_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(timeout).await;
+        };
+        tokio::select! {
+            r = serve => r.map_err(|source| ServeError::Io { what: "serving".into(), source }),
+            () = deadline => {
+                // Dropping the server drops its connections, and so the handles of their requests,
+                // which cancels them.
+                eprintln!("vl-serve: shutdown deadline of {} s passed; cancelling what is left", timeout.as_secs());
+                Ok(())
+            }
+        }
     }
 }
 

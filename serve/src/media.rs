@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
+use sha2::{Digest, Sha256};
 use tempfile::NamedTempFile;
 use vl_runtime::model::Media;
 
@@ -25,6 +26,8 @@ pub struct Resolved {
     pub media: Media,
     /// The decoded `data:` URL, kept until the request is over.
     pub temp: Option<NamedTempFile>,
+    /// The media's identity for the prefix cache: its kind and a SHA-256 of its bytes.
+    pub key: String,
 }
 
 /// Turns a media URL into what the engine reads; `media_root` is canonical (or `None`:
@@ -36,17 +39,33 @@ pub fn resolve(kind: Kind, url: &str, media_root: Option<&Path>) -> Result<Resol
     };
     if let Some(rest) = url.strip_prefix("data:") {
         let (path, temp) = from_data_url(rest).map_err(|e| e.param(param))?;
-        return Ok(Resolved { media: media(kind, path), temp: Some(temp) });
+        let key = content_key(kind, &path)?;
+        return Ok(Resolved { media: media(kind, path), temp: Some(temp), key });
     }
     if let Some(path) = url.strip_prefix("file://") {
         let path = from_file_url(path, media_root).map_err(|e| e.param(param))?;
-        return Ok(Resolved { media: media(kind, path), temp: None });
+        let key = content_key(kind, &path)?;
+        return Ok(Resolved { media: media(kind, path), temp: None, key });
     }
     let scheme = url.split_once(':').map_or("(none)", |(s, _)| s);
     Err(ApiError::invalid(format!(
         "unsupported media URL scheme {scheme:?}: use a data: URL (base64) or a file:// path under the server's media root"
     ))
     .param(param))
+}
+
+/// `video:<sha256>` or `image:<sha256>` of the file's bytes (read once more; hashing runs far
+/// faster than decoding).
+fn content_key(kind: Kind, path: &Path) -> Result<String, ApiError> {
+    let unreadable = |e: std::io::Error| ApiError::invalid(format!("{} cannot be read: {e}", path.display()));
+    let mut file = std::fs::File::open(path).map_err(unreadable)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).map_err(unreadable)?;
+    let kind = match kind {
+        Kind::Image => "image",
+        Kind::Video => "video",
+    };
+    Ok(format!("{kind}:{}", hex::encode(hasher.finalize())))
 }
 
 fn media(kind: Kind, path: PathBuf) -> Media {
@@ -124,6 +143,10 @@ mod tests {
         let Media::ImageFile(path) = &r.media else { panic!("not an image file: {:?}", r.media) };
         assert_eq!(std::fs::read(path).unwrap(), b"hello");
         assert!(path.to_string_lossy().ends_with(".png"));
+        let same = resolve(Kind::Image, "data:image/jpeg;base64,aGVsbG8=", None).unwrap();
+        let other = resolve(Kind::Image, "data:image/png;base64,aGVsbG9v", None).unwrap();
+        assert_eq!(r.key, same.key, "the key is the content's, not the URL's");
+        assert_ne!(r.key, other.key);
         assert!(resolve(Kind::Image, "data:image/png,hello", None).is_err());
         assert!(resolve(Kind::Image, "data:image/png;base64,@@", None).is_err());
     }

@@ -150,9 +150,8 @@ async fn bad_requests_get_openai_errors() {
     let big = format!(r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#, "a".repeat(8192));
     assert_error(raw(big.into_bytes()).await.unwrap(), 413, "max-body").await;
 
-    let turns = json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                    {"role": "user", "content": "c"}]});
-    assert_error(post(&url, &turns).await, 400, "multi-turn").await;
+    let answered = json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]});
+    assert_error(post(&url, &answered).await, 400, "last message").await;
     let wrong_model = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "a"}]});
     assert_error(post(&url, &wrong_model).await, 404, "does not exist").await;
     let bad_temperature = json!({"messages": [{"role": "user", "content": "a"}], "temperature": -1});
@@ -230,8 +229,9 @@ fn python() -> std::path::PathBuf {
         .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
 }
 
-/// OpenAI's own Python client against the server: plain and streamed greedy answers agree,
-/// and a refused media URL raises its `BadRequestError`.
+/// OpenAI's own Python client against the server: plain and streamed greedy answers agree, a
+/// follow-up with the history is answered, and a refused media URL raises its
+/// `BadRequestError`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_openai_python_client_works() {
     let python = python();
@@ -264,7 +264,11 @@ try:
     refused = False
 except openai.BadRequestError as e:
     refused = e.status_code == 400
-print(json.dumps({"model": model, "text": r.choices[0].message.content, "finish": r.choices[0].finish_reason,
+follow = c.chat.completions.create(model=model, max_tokens=10, temperature=0, extra_body={"ignore_eos": True},
+    messages=msgs + [{"role": "assistant", "content": r.choices[0].message.content},
+                     {"role": "user", "content": "And then?"}])
+print(json.dumps({"model": model, "follow_tokens": follow.usage.completion_tokens,
+                  "follow_prompt": follow.usage.prompt_tokens, "prompt": r.usage.prompt_tokens, "text": r.choices[0].message.content, "finish": r.choices[0].finish_reason,
                   "tokens": r.usage.completion_tokens, "streamed": text, "streamed_tokens": usage,
                   "refused": refused}))
 "#;
@@ -279,6 +283,8 @@ print(json.dumps({"model": model, "text": r.choices[0].message.content, "finish"
     assert_eq!(v["streamed_tokens"], 10);
     assert_eq!(v["text"], v["streamed"]);
     assert_eq!(v["refused"], true);
+    assert_eq!(v["follow_tokens"], 10);
+    assert!(v["follow_prompt"].as_u64() > v["prompt"].as_u64(), "{v}");
 }
 
 #[test]

@@ -346,6 +346,9 @@ impl Worker {
     /// Continues a request from the cached conversation about the same media that shares the
     /// most of its prompt, if one is worth it; else starts it afresh (through vision).
     fn lookup(&mut self, l: Lookup) {
+        // A follow-up sent as soon as its previous answer's `Done` arrived can get here before
+        // the step that would put that conversation back in the index.
+        self.sync_prefix();
         let Lookup { media, mut start } = l;
         let key = start.cache.as_deref();
         let best = self

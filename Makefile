@@ -8,12 +8,14 @@ WORK := work
 
 .PHONY: setup oracle-setup build demo test parity goldens config-goldens tokenizer-goldens bench fmt lint clean
 
-# System ffmpeg, the ONNX Runtime shared library (PyPI wheel) and the openai client (vl-serve tests) in .venv, and a release build.
+# System ffmpeg and Chromium (vl-serve's page test), the ONNX Runtime shared library (PyPI wheel), the openai client and Playwright (vl-serve tests; no browser download) in .venv, and a release build.
 setup:
 	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null)
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
 	@$(VENV)/bin/python -c "import onnxruntime" 2>/dev/null || $(VENV)/bin/pip install -q onnxruntime==$(ORT_VERSION)
 	@$(VENV)/bin/python -c "import openai" 2>/dev/null || $(VENV)/bin/pip install -q openai
+	@$(VENV)/bin/python -c "import playwright.sync_api" 2>/dev/null || $(VENV)/bin/pip install -q playwright
 	$(CARGO) build --release --workspace
 
 # The Python reference (torch + transformers, ~3 GB), kept out of `make test`.

@@ -1,6 +1,7 @@
 //! vl-serve: an OpenAI-compatible HTTP server over vl-runtime's serving engine.
 //!
-//! Routes: `POST /v1/chat/completions` (OpenAI's schema; `stream: true` sends server-sent
+//! Routes: `GET /` (a page to ask about a video or an image, `static/index.html`),
+//! `POST /v1/chat/completions` (OpenAI's schema; `stream: true` sends server-sent
 //! `chat.completion.chunk` events), `GET /v1/models`, `GET /health`, `GET /ready`,
 //! `GET /metrics` (OpenMetrics text). Media come as `image_url` / `video_url` content parts
 //! (vLLM's schema) holding a base64 `data:` URL or a `file://` path under `--media-root`.
@@ -169,6 +170,7 @@ impl App {
 /// The routes over `app`; bodies larger than `max_body` bytes get 413.
 pub fn router(app: Arc<App>, max_body: usize) -> Router {
     Router::new()
+        .route("/", get(page))
         .route("/v1/chat/completions", post(chat::completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
@@ -185,6 +187,23 @@ async fn models(State(app): State<Arc<App>>) -> Json<Value> {
         "object": "list",
         "data": [{"id": app.model_id, "object": "model", "created": app.created, "owned_by": "vl"}],
     }))
+}
+
+/// The page (one file, inline CSS and script; it only talks to this server).
+const PAGE: &str = include_str!("../static/index.html");
+
+/// What the page may load: only itself and this server (no other origin, no plugins).
+const PAGE_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+    connect-src 'self'; img-src blob:; media-src blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+async fn page() -> impl axum::response::IntoResponse {
+    use axum::http::header;
+    let headers = [
+        (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+        (header::CONTENT_SECURITY_POLICY, PAGE_CSP),
+        (header::CACHE_CONTROL, "no-cache"),
+    ];
+    (headers, PAGE)
 }
 
 async fn not_found(uri: axum::http::Uri) -> error::ApiError {

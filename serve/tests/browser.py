@@ -1,14 +1,15 @@
 """Drives vl-serve's page (GET /) in headless Chromium with Playwright; run by browser.rs.
 
-Usage: browser.py BASE_URL VIDEO CHROMIUM
+Usage: browser.py BASE_URL VIDEO IMAGE CHROMIUM
 
 Opens the page with ?max_tokens=8&temperature=0&ignore_eos=1, uploads VIDEO through the file
 input, asks a question (Enter), waits for the streamed answer and its time-to-first-token and
 tokens/s figures, asks a follow-up (the button), checks what the page sent, shows a server
-error, and starts a new conversation. Prints one JSON line of findings; exits 1 with a message
+error, starts a new conversation, and asks about IMAGE dropped on the drop zone. Prints one JSON line of findings; exits 1 with a message
 on the first failed check. Every wait has a timeout.
 """
 
+import base64
 import json
 import re
 import sys
@@ -41,7 +42,7 @@ def check(ok, what):
 
 
 def main():
-    base, video, chromium = sys.argv[1], sys.argv[2], sys.argv[3]
+    base, video, image, chromium = sys.argv[1:5]
     found = {}
     problems = []  # page errors, console errors, requests to other origins
     posts = []  # bodies of POST /v1/chat/completions
@@ -146,6 +147,30 @@ def main():
             check(page.locator("#log li").count() == 0, "the log was not emptied")
             check(not page.is_disabled("#file") and page.locator("#preview *").count() == 0, "media kept")
             check(page.is_hidden("#error"), "the error stayed")
+
+            # An image dropped on the drop zone (a synthetic drop event carrying the file).
+            page.fill("#max-tokens", str(MAX_TOKENS))
+            with open(image, "rb") as f:
+                png = base64.b64encode(f.read()).decode()
+            transfer = page.evaluate_handle("""(b64) => {
+                const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+                const t = new DataTransfer();
+                t.items.add(new File([bytes], "frame.png", {type: "image/png"}));
+                return t;
+            }""", png)
+            page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+            page.locator("#status", has_text="frame.png is ready").wait_for()
+            check(page.locator("#preview img").count() == 1, "no preview of the image")
+            check(page.eval_on_selector("#file", "e => e.files.length") == 1, "the file input does not hold it")
+            page.fill("#question", "What is it?")
+            page.press("#question", "Enter")
+            answers.nth(0).locator(".stats").wait_for()
+            check(STATS.match(answers.nth(0).locator(".stats").text_content()), "no figures for the image")
+            check(len(posts) == 4, f"{len(posts)} chat requests, not 4")
+            part = posts[3]["messages"][0]["content"][0]
+            check(part["type"] == "image_url", f"the dropped image went as {part['type']}")
+            check(part["image_url"]["url"].startswith("data:image/png;base64,"), "the image is not a data: URL")
+            check(len(posts[3]["messages"]) == 1, "the new conversation kept the old one")
         finally:
             browser.close()
     check(not problems, "; ".join(problems))

@@ -1,7 +1,7 @@
 //! vl-serve's page (`GET /`) in a real browser: Debian's headless Chromium driven by
 //! Playwright (`browser.py`) against the tiny fixture engine served in-process on port 0. It
 //! uploads an ffmpeg clip, asks, waits for the streamed answer and its figures, asks a
-//! follow-up, shows a server error and starts over. Chromium, Playwright or ffmpeg missing is a
+//! follow-up, shows a server error, and starts over with an image dropped on the page. Chromium, Playwright or ffmpeg missing is a
 //! failure (`make setup` installs them) unless `VL_SKIP_BROWSER=1`.
 #![allow(clippy::unwrap_used)]
 
@@ -57,11 +57,12 @@ fn missing(what: &str) -> bool {
     panic!("{what}: run `make setup`, or set VL_SKIP_BROWSER=1 to skip the browser test");
 }
 
-/// Writes a 2-second 64x48 clip with ffmpeg's test source.
-fn ffmpeg_clip(path: &Path) -> bool {
+/// Writes `frames` 64x48 frames of ffmpeg's test source at 8 fps: a video, or a PNG image.
+fn ffmpeg_clip(path: &Path, frames: usize) -> bool {
     Command::new("ffmpeg")
-        .args(["-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=8", "-frames:v", "16"])
-        .args(["-pix_fmt", "yuv420p"])
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=8", "-frames:v"])
+        .arg(frames.to_string())
+        .args(["-pix_fmt", if frames == 1 { "rgb24" } else { "yuv420p" }])
         .arg(path)
         .status()
         .is_ok_and(|s| s.success())
@@ -119,7 +120,7 @@ async fn the_page_is_served_beside_the_api() {
 
 /// The page in headless Chromium: a video uploaded, a question and a follow-up streamed with
 /// their time to first token and tokens/s, the requests it sent, an error shown, a new
-/// conversation (the checks are in `browser.py`).
+/// conversation about a dropped image (the checks are in `browser.py`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_asks_about_a_video_in_chromium() {
     let (python, chromium) = (python(), chromium());
@@ -132,14 +133,14 @@ async fn the_page_asks_about_a_video_in_chromium() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let clip = dir.path().join("clip.mp4");
-    if !ffmpeg_clip(&clip) && missing("ffmpeg could not make the test clip") {
+    let (clip, png) = (dir.path().join("clip.mp4"), dir.path().join("frame.png"));
+    if !(ffmpeg_clip(&clip, 16) && ffmpeg_clip(&png, 1)) && missing("ffmpeg could not make the test media") {
         return;
     }
     let url = start().await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser.py");
     let mut command = Command::new(python);
-    command.arg(script).arg(&url).arg(&clip).arg(&chromium);
+    command.arg(script).arg(&url).arg(&clip).arg(&png).arg(&chromium);
     let (status, stdout, stderr) =
         tokio::task::spawn_blocking(move || run_bounded(command, BROWSER_DEADLINE)).await.unwrap();
     assert!(status.success(), "the browser script failed ({status}):\n{stderr}");

@@ -87,7 +87,7 @@ bench-serve: setup
 	@test -f engines/small-ort/manifest.yaml || ./target/release/vl-export build --model $(WORK)/small --target onnxruntime --out engines/small-ort
 	@mkdir -p $(WORK) && test -f $(WORK)/concurrency.mp4 || ffmpeg -loglevel error -y -f lavfi -i testsrc2=size=320x240:rate=25:duration=4 -pix_fmt yuv420p $(WORK)/concurrency.mp4
 	./target/release/vl-bench serve --engine engines/vl7b-slice-ort --clients $(SERVE_CLIENTS) --video $(WORK)/concurrency.mp4 --out bench/serve.json
-	./target/release/vl-bench serve --engine engines/small-ort --clients $(SERVE_CLIENTS) --new-tokens 256 --video $(WORK)/concurrency.mp4 --out bench/serve-small.json
+	./target/release/vl-bench serve --engine engines/small-ort --clients $(SERVE_CLIENTS) --new-tokens 1024 --video $(WORK)/concurrency.mp4 --out bench/serve-small.json
 
 # The baseline's Python: the oracle's venv, plus PyAV (video decoding as the model card does it) and matplotlib (the plot).
 bench-setup:

@@ -31,6 +31,18 @@ pub struct ConcurrencyPlan {
     pub threads: usize,
     /// Prompt tokens prefilled per step.
     pub prefill_chunk_tokens: usize,
+    /// Which tokens the per-token figures time.
+    pub timed: Timed,
+}
+
+/// Which tokens a stream's client times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timed {
+    /// Every generated token.
+    Every,
+    /// Tokens whose text is not empty: what a streaming HTTP client sees, since `vl-serve` sends
+    /// no chunk for a token whose text is empty or not yet whole.
+    WithText,
 }
 
 /// One concurrency level.
@@ -114,7 +126,7 @@ fn request(media: Media, new_tokens: usize, i: usize) -> Request {
     Request { options, pace: Pace::Free, ..Request::new(media, QUESTIONS[i % QUESTIONS.len()]) }
 }
 
-fn drain(handles: Vec<(Instant, Handle)>) -> Result<Vec<Stream>> {
+fn drain(handles: Vec<(Instant, Handle)>, timed: Timed) -> Result<Vec<Stream>> {
     // Receivers run on their own threads so every timestamp is taken when the token arrives.
     let threads: Vec<_> = handles
         .into_iter()
@@ -124,11 +136,15 @@ fn drain(handles: Vec<(Instant, Handle)>) -> Result<Vec<Stream>> {
                     Stream { submitted, tokens: Vec::new(), prefill_ms: 0.0, generated: 0, finished: submitted };
                 while let Some(e) = h.recv() {
                     match e {
-                        Event::Token { id: Some(_), .. } => s.tokens.push(Instant::now()),
+                        Event::Token { id: Some(_), text, .. } => {
+                            s.generated += 1;
+                            if timed == Timed::Every || !text.is_empty() {
+                                s.tokens.push(Instant::now());
+                            }
+                        }
                         Event::Token { .. } => {}
                         Event::Done(done) => {
                             s.finished = Instant::now();
-                            s.generated = s.tokens.len();
                             s.prefill_ms = done.answer.timings.prefill_ms;
                             return Ok(s);
                         }
@@ -200,13 +216,13 @@ pub fn measure_concurrency(plan: &ConcurrencyPlan, log: &dyn Fn(&str)) -> Result
     let engine = Engine::start(model, engine_options)?;
     let media = || plan.video.as_ref().map_or(Media::Text, |v| Media::VideoFile(v.clone()));
     // Warm-up: one answer (sessions, arena, the feature cache for the video).
-    drain(vec![(Instant::now(), engine.submit(request(media(), 4, 0))?)])?;
+    drain(vec![(Instant::now(), engine.submit(request(media(), 4, 0))?)], plan.timed)?;
     let mut levels = Vec::new();
     for &n in &plan.streams {
         let handles = (0..n)
             .map(|i| Ok((Instant::now(), engine.submit(request(media(), plan.new_tokens, i))?)))
             .collect::<Result<Vec<_>>>()?;
-        let l = level(&drain(handles)?);
+        let l = level(&drain(handles, plan.timed)?);
         let together =
             l.aggregate_tokens_per_s.map_or("never all decoding".to_string(), |t| format!("{t:7.1} tokens/s"));
         log(&format!(
@@ -245,7 +261,7 @@ fn arrival(engine: &Engine, video: PathBuf, plan: &ConcurrencyPlan) -> Result<Ar
         .map(|i| Ok((Instant::now(), engine.submit(request(Media::Text, long, i))?)))
         .collect::<Result<Vec<_>>>()?;
     let rows_before = engine.stats().decode_rows;
-    let receivers = std::thread::spawn(move || drain(handles));
+    let receivers = std::thread::spawn(move || drain(handles, Timed::Every));
     // Wait until every one of them has decoded a few tokens.
     let t_wait = Instant::now();
     while engine.stats().decode_rows < rows_before + 4 * decoding as u64 && t_wait.elapsed() < Duration::from_secs(120)
@@ -254,7 +270,7 @@ fn arrival(engine: &Engine, video: PathBuf, plan: &ConcurrencyPlan) -> Result<Ar
     }
     let before = engine.stats().prefill_tokens;
     let arrived = Instant::now();
-    let video_stream = drain(vec![(arrived, engine.submit(request(Media::VideoFile(video), 2, 0))?)])?;
+    let video_stream = drain(vec![(arrived, engine.submit(request(Media::VideoFile(video), 2, 0))?)], Timed::Every)?;
     let prefilled = Instant::now();
     let prompt_tokens = (engine.stats().prefill_tokens - before) as usize;
     let streams = receivers.join().map_err(|_| vl_runtime::Error::EngineStopped)??;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use vl_bench::concurrency::{ConcurrencyPlan, measure_concurrency};
+use vl_bench::concurrency::{ConcurrencyPlan, Timed, measure_concurrency};
 use vl_bench::driver::{self, RunPlan, ScalingChoice};
 use vl_bench::measure::{EnginePlan, ScalingPlan, measure_engine};
 use vl_bench::profile::{ProfilePlan, format_profile, profile_decode};
@@ -390,7 +390,8 @@ fn run() -> Result<()> {
             print!("{text}");
         }
         Cmd::Concurrency { engine, streams, new_tokens, video, threads, prefill_chunk_tokens, out } => {
-            let plan = ConcurrencyPlan { engine, streams, new_tokens, video, threads, prefill_chunk_tokens };
+            let timed = Timed::Every;
+            let plan = ConcurrencyPlan { engine, streams, new_tokens, video, threads, prefill_chunk_tokens, timed };
             let report = measure_concurrency(&plan, &|line| eprintln!("{line}"))?;
             write_json(&out, &report)?;
             println!("wrote {}", out.display());

@@ -76,6 +76,21 @@ bench-concurrency: setup
 	./target/release/vl-bench concurrency --engine engines/vl7b-slice-ort --streams $(CONCURRENCY_STREAMS) --out bench/concurrency-text.json
 	./target/release/vl-bench concurrency --engine engines/vl7b-slice-ort --streams $(CONCURRENCY_VIDEO_STREAMS) --new-tokens 64 --video $(WORK)/concurrency.mp4 --out bench/concurrency-video.json
 
+# What serving over HTTP costs (issue 13): vl-serve in-process against the engine directly, at 1-16 clients, and a
+# follow-up's time to first token with and without the prefix cache (bench/serve.json). vl7b-slice's synthetic
+# tokenizer gives most generated ids no text, so HTTP clients cannot time its tokens one by one: the small preset
+# (every id has text) measures the per-token figures (bench/serve-small.json).
+SERVE_CLIENTS ?= 1,4,8,16
+.PHONY: bench-serve
+bench-serve: setup
+	@test -f $(BENCH_MODEL)/config.json || ./target/release/vl-export synth --preset vl7b-slice --out $(BENCH_MODEL)
+	@test -f engines/vl7b-slice-ort/manifest.yaml || ./target/release/vl-export build --model $(BENCH_MODEL) --target onnxruntime --out engines/vl7b-slice-ort
+	@test -f $(WORK)/small/config.json || ./target/release/vl-export synth --preset small --out $(WORK)/small
+	@test -f engines/small-ort/manifest.yaml || ./target/release/vl-export build --model $(WORK)/small --target onnxruntime --out engines/small-ort
+	@mkdir -p $(WORK) && test -f $(WORK)/concurrency.mp4 || ffmpeg -loglevel error -y -f lavfi -i testsrc2=size=320x240:rate=25:duration=4 -pix_fmt yuv420p $(WORK)/concurrency.mp4
+	./target/release/vl-bench serve --engine engines/vl7b-slice-ort --clients $(SERVE_CLIENTS) --video $(WORK)/concurrency.mp4 --out bench/serve.json
+	./target/release/vl-bench serve --engine engines/small-ort --clients $(SERVE_CLIENTS) --new-tokens 1024 --video $(WORK)/concurrency.mp4 --out bench/serve-small.json
+
 # The baseline's Python: the oracle's venv, plus PyAV (video decoding as the model card does it) and matplotlib (the plot).
 bench-setup:
 	@$(ORACLE)/bin/python -c "import torch, transformers, torchvision" 2>/dev/null || $(MAKE) oracle-setup

@@ -1,8 +1,9 @@
 //! vl-bench: benchmarks of vl engines against the PyTorch baseline; the library half of the
 //! `vl-bench` binary.
 //!
-//! May depend on `vl-runtime` through its public API only (never the other way round), on ONNX
-//! Runtime for profiling, and on CLI crates in the binary. Nothing depends on it.
+//! May depend on `vl-runtime` through its public API only (never the other way round), on
+//! `vl-serve`'s library (which depends on `vl-runtime` only) to measure serving over HTTP, on
+//! ONNX Runtime for profiling, and on CLI crates in the binary. Nothing depends on it.
 //!
 //! `vl-bench run` measures, on one checkpoint and with the same thread count, the PyTorch
 //! baseline (`tools/bench_torch.py`, transformers eager fp32) and every engine precision that was
@@ -18,6 +19,7 @@
 //! - [`driver`]: inputs, child processes, the time budget.
 //! - [`profile`]: where a decode step's time goes (ONNX Runtime's profiler).
 //! - [`concurrency`]: many conversations at once through the serving engine.
+//! - [`serve`]: the same over HTTP through `vl-serve`, and follow-ups with the prefix cache.
 //!
 //! Benchmarks are not tests: nothing here runs in `make test` beyond the unit tests of the
 //! arithmetic.
@@ -30,6 +32,7 @@ pub mod measure;
 pub mod profile;
 pub mod report;
 pub mod schema;
+pub mod serve;
 pub mod stats;
 
 /// What can go wrong while benchmarking.
@@ -89,6 +92,12 @@ pub enum BenchError {
         #[source]
         source: std::io::Error,
     },
+    /// The in-process `vl-serve` could not start or failed.
+    #[error(transparent)]
+    Serve(#[from] vl_serve::ServeError),
+    /// An HTTP request to the in-process `vl-serve` failed.
+    #[error("HTTP: {0}")]
+    Http(#[from] reqwest::Error),
     /// The benchmark's inputs or plan are inconsistent.
     #[error("{0}")]
     Plan(String),

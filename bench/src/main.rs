@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use vl_bench::concurrency::{ConcurrencyPlan, measure_concurrency};
+use vl_bench::concurrency::{ConcurrencyPlan, Timed, measure_concurrency};
 use vl_bench::driver::{self, RunPlan, ScalingChoice};
 use vl_bench::measure::{EnginePlan, ScalingPlan, measure_engine};
 use vl_bench::profile::{ProfilePlan, format_profile, profile_decode};
+use vl_bench::serve::{ServePlan, measure_serve};
 use vl_bench::write_json;
 
 #[derive(Parser)]
@@ -222,6 +223,34 @@ enum Cmd {
         #[arg(long, default_value = "bench/concurrency.json")]
         out: PathBuf,
     },
+    /// What serving over HTTP costs: aggregate decode tokens/s, time to first token and
+    /// ms/token through `vl-serve` (in-process, 127.0.0.1) and directly on the engine, at each
+    /// client count; and a follow-up's time to first token with and without the prefix cache.
+    Serve {
+        /// Engine directory (target onnxruntime batches decode steps). HTTP clients time the
+        /// tokens that come with text: vl7b-slice's synthetic tokenizer covers 664 of its 32,064
+        /// ids, so there only end-to-end throughput compares.
+        #[arg(long, default_value = "engines/vl7b-slice-ort")]
+        engine: PathBuf,
+        /// Concurrent clients to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+        clients: Vec<usize>,
+        /// Tokens per answer.
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        /// Intra-op threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Prompt tokens prefilled per engine step.
+        #[arg(long, default_value_t = 512)]
+        prefill_chunk_tokens: usize,
+        /// A video for the follow-up measurement; without it, none.
+        #[arg(long)]
+        video: Option<PathBuf>,
+        /// Output JSON.
+        #[arg(long, default_value = "bench/serve.json")]
+        out: PathBuf,
+    },
 }
 
 fn log(line: &str) {
@@ -361,9 +390,17 @@ fn run() -> Result<()> {
             print!("{text}");
         }
         Cmd::Concurrency { engine, streams, new_tokens, video, threads, prefill_chunk_tokens, out } => {
-            let plan = ConcurrencyPlan { engine, streams, new_tokens, video, threads, prefill_chunk_tokens };
+            let timed = Timed::Every;
+            let plan = ConcurrencyPlan { engine, streams, new_tokens, video, threads, prefill_chunk_tokens, timed };
             let report = measure_concurrency(&plan, &|line| eprintln!("{line}"))?;
             write_json(&out, &report)?;
+            println!("wrote {}", out.display());
+        }
+        Cmd::Serve { engine, clients, new_tokens, threads, prefill_chunk_tokens, video, out } => {
+            let plan = ServePlan { engine, clients, new_tokens, threads, prefill_chunk_tokens, video };
+            let report = measure_serve(&plan, &log)?;
+            write_json(&out, &report)?;
+            print!("{}", vl_bench::serve::markdown(&report));
             println!("wrote {}", out.display());
         }
     }

@@ -17,8 +17,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vl_e2e::{built, built_for, fixture_dir, max_abs_diff};
 use vl_runtime::engine::{Done, Engine, EngineOptions, Event, FollowUp, Handle, Pace, Request, WhenFull};
-use vl_runtime::manifest::Target;
-use vl_runtime::model::{Media, Model, ModelOptions};
+use vl_runtime::manifest::{KvLayout, Target};
+use vl_runtime::model::{DecoderChoice, Media, Model, ModelOptions};
 use vl_runtime::{Error, FinishReason, GenerateOptions};
 
 const TOLERANCE: f32 = 1e-4;
@@ -31,8 +31,13 @@ fn concat_engine() -> &'static Path {
     &built("tiny").engine
 }
 
+/// `decoder.onnx` of `dir`, whichever attention it has.
 fn model(dir: &Path) -> Arc<Model> {
-    Arc::new(Model::load(dir, ModelOptions::default()).unwrap())
+    model_with(dir, DecoderChoice::Standard)
+}
+
+fn model_with(dir: &Path, decoder: DecoderChoice) -> Arc<Model> {
+    Arc::new(Model::load(dir, ModelOptions { decoder, ..ModelOptions::default() }).unwrap())
 }
 
 fn video() -> Media {
@@ -100,8 +105,8 @@ fn assert_same(label: &str, got: &Outcome, want: &Outcome) {
     }
 }
 
-fn batched_equals_alone(dir: &Path) {
-    let engine = Engine::start(model(dir), EngineOptions::default()).unwrap();
+fn batched_equals_alone(model: Arc<Model>) {
+    let engine = Engine::start(model, EngineOptions::default()).unwrap();
     let reference: Vec<Outcome> = (0..8).map(|i| alone(&engine, request(i, Pace::Free))).collect();
     let handles: Vec<Handle> = (0..8).map(|i| engine.submit(request(i, Pace::Free)).unwrap()).collect();
     for (i, h) in handles.into_iter().enumerate() {
@@ -115,12 +120,30 @@ fn batched_equals_alone(dir: &Path) {
 
 #[test]
 fn batched_sequences_match_each_alone_in_place_decoder() {
-    batched_equals_alone(pool_engine());
+    batched_equals_alone(model(pool_engine()));
 }
 
 #[test]
 fn batched_sequences_match_each_alone_standard_decoder() {
-    batched_equals_alone(concat_engine());
+    batched_equals_alone(model(concat_engine()));
+}
+
+/// The default engine directory holds both decoders; on the CPU the engine runs its in-place
+/// twin, batched, and answers as `decoder.onnx` does.
+#[test]
+fn default_engine_runs_its_in_place_twin_batched_with_the_standard_decoders_answers() {
+    let twin = model_with(concat_engine(), DecoderChoice::Auto);
+    assert_eq!(twin.manifest().model.kv_layout, KvLayout::SharedBuffer);
+    let standard = Engine::start(model(concat_engine()), EngineOptions::default()).unwrap();
+    let engine = Engine::start(twin, EngineOptions::default()).unwrap();
+    for i in 0..4 {
+        assert_same(
+            &format!("request {i}"),
+            &alone(&engine, request(i, Pace::Free)),
+            &alone(&standard, request(i, Pace::Free)),
+        );
+    }
+    batched_equals_alone(model_with(concat_engine(), DecoderChoice::InPlace));
 }
 
 #[test]

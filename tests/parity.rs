@@ -12,7 +12,7 @@ use vl_e2e::{built_for, fixture_dir, max_abs_diff};
 use vl_runtime::generate::Splice;
 use vl_runtime::kv_cache::KvCache;
 use vl_runtime::manifest::{KvLayout, Target};
-use vl_runtime::{Flow, GenerateOptions, Media, Pipeline, PipelineOptions};
+use vl_runtime::{DecoderChoice, Flow, GenerateOptions, Media, Pipeline, PipelineOptions};
 
 const TOL: f32 = 1e-4;
 
@@ -22,19 +22,25 @@ struct Case {
     name: &'static str,
 }
 
+/// Case `name` on the default engine's `decoder.onnx` (standard operators: what TensorRT runs).
 fn case(name: &'static str) -> Case {
     case_for(name, None)
 }
 
-/// Case `name` exported for `target` (`None`: the default target).
+/// Case `name` exported for `target` (`None`: the default target), on its `decoder.onnx`.
 fn case_for(name: &'static str, target: Option<Target>) -> Case {
+    case_with(name, target, DecoderChoice::Standard)
+}
+
+/// Case `name` exported for `target`, running the decoder `decoder` picks.
+fn case_with(name: &'static str, target: Option<Target>, decoder: DecoderChoice) -> Case {
     let b = built_for(name, target);
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture_dir(name).join("golden.json")).unwrap()).unwrap();
     let want = golden["model_sha256"]["model.safetensors"].as_str().unwrap();
     let got = vl_runtime::verify::sha256_file(&b.checkpoint.join("model.safetensors")).unwrap();
     assert_eq!(got, want, "{name}: the synthesized checkpoint differs from the goldens' one; run `make goldens`");
-    let pipeline = Pipeline::load(&b.engine, PipelineOptions::default()).unwrap();
+    let pipeline = Pipeline::load(&b.engine, PipelineOptions { decoder, ..PipelineOptions::default() }).unwrap();
     Case { golden, pipeline, name }
 }
 
@@ -120,11 +126,14 @@ fn parity(name: &'static str) {
 }
 
 fn parity_for(name: &'static str, target: Option<Target>) {
-    let c = case_for(name, target);
-    check_features(&c);
-    check_prefill_logits(&c);
-    run_turns(&c);
-    run_image_and_text(&c);
+    check_all(&case_for(name, target));
+}
+
+fn check_all(c: &Case) {
+    check_features(c);
+    check_prefill_logits(c);
+    run_turns(c);
+    run_image_and_text(c);
 }
 
 #[test]
@@ -136,6 +145,16 @@ fn tiny_matches_transformers() {
 #[test]
 fn gqa_and_feature_layer_list_match_transformers() {
     parity("tiny-gqa");
+}
+
+/// The default engine's in-place twin (`decoder_in_place.onnx`, what the CPU runs by default).
+#[test]
+fn default_engines_in_place_twin_matches_transformers() {
+    for name in ["tiny", "tiny-gqa"] {
+        let c = case_with(name, None, DecoderChoice::Auto);
+        assert_eq!(c.pipeline.manifest().model.kv_layout, KvLayout::SharedBuffer, "{name}");
+        check_all(&c);
+    }
 }
 
 #[test]

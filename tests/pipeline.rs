@@ -292,16 +292,20 @@ fn manifest_input_name_differing_from_the_graph_is_a_mismatch() {
     let _guard = shared();
     let dir = engine_copy();
     let mut manifest = Manifest::load(dir.path()).unwrap();
-    let input = &mut manifest.graphs.decoder.inputs[2];
+    // The decoder the CPU runs: the in-place twin of the default engine.
+    let entry = manifest.graphs.decoder_in_place.as_mut().expect("the default engine has an in-place decoder");
+    let file = entry.file.clone();
+    assert_eq!(file, "decoder_in_place.onnx");
+    let input = &mut entry.inputs[2];
     let real = input.name.clone();
     input.name = format!("{real}_renamed");
     manifest.save(dir.path()).unwrap();
     let err = load(dir.path(), Verify::Cached).err().unwrap();
     let Error::GraphMismatch { path, message } = &err else { panic!("expected GraphMismatch, got {err:?}") };
-    assert_eq!(path, &dir.path().join("decoder.onnx"));
+    assert_eq!(path, &dir.path().join(&file));
     assert!(message.contains(&real) && message.contains(&format!("{real}_renamed")), "{message}");
     let shown = err.to_string();
-    assert!(shown.contains("decoder.onnx") && shown.contains(&real), "{shown}");
+    assert!(shown.contains(&file) && shown.contains(&real), "{shown}");
 }
 
 #[test]

@@ -12,14 +12,16 @@ use ndarray_npy::read_npy;
 use vl_e2e::{built, built_for, fixture_dir, max_abs_diff};
 use vl_runtime::engine::{Engine, EngineOptions, EngineStats, Event, Handle, Request};
 use vl_runtime::manifest::Target;
-use vl_runtime::model::{Media, Model, ModelOptions};
+use vl_runtime::model::{DecoderChoice, Media, Model, ModelOptions};
 use vl_runtime::prompt::Exchange;
 use vl_runtime::{Answer, GenerateOptions};
 
 const TOLERANCE: f32 = 1e-4;
 
 fn engine(dir: &Path, prefix_cache: usize) -> Engine {
-    let model = Arc::new(Model::load(dir, ModelOptions::default()).unwrap());
+    // `decoder.onnx` of `dir`, whichever attention it has.
+    let options = ModelOptions { decoder: DecoderChoice::Standard, ..ModelOptions::default() };
+    let model = Arc::new(Model::load(dir, options).unwrap());
     Engine::start(model, EngineOptions { prefix_cache, ..Default::default() }).unwrap()
 }
 

@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use vl_runtime::manifest::{
-    DataFile, GraphEntry, Graphs, Manifest, ModelDims, Precision, SCHEMA_VERSION, Source, Target,
+    DataFile, GraphEntry, Graphs, KvLayout, Manifest, ModelDims, Precision, SCHEMA_VERSION, Source, Target,
 };
 
 use crate::checkpoint::{Checkpoint, TowerDirs};
 use crate::contract::{MediaContract, TOKENIZER_FILE};
 use crate::error::{Error, Result};
-use crate::graphs::{GraphKind, vision};
-use crate::onnx::{ExternalData, GraphBuilder};
+use crate::graphs::{GraphKind, decoder, vision};
+use crate::onnx::{ExternalData, FinishedGraph, GraphBuilder};
 use crate::precision::Plan;
 use crate::quant::calibrate::{CalibOptions, calibrate};
 
@@ -109,12 +109,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
         timings.push((format!("{}.onnx", kind.name()), took));
     }
     bar.finish_and_clear();
-    let [vision, image, embed, decoder]: [GraphEntry; 4] =
+    let [vision, image, embed, decoder]: [(GraphEntry, Option<GraphEntry>); 4] =
         entries.try_into().map_err(|_| Error::Invalid("graph count mismatch".into()))?;
+    let (decoder, decoder_in_place) = decoder;
+    let graphs = Graphs { vision: vision.0, image: image.0, embed: embed.0, decoder, decoder_in_place };
 
     let tokenizer_dst = tmp.path().join(TOKENIZER_FILE);
     let tokenizer_note = tokenizer_src.write_engine_file(&tokenizer_dst)?;
-    let mut manifest = manifest(&ck, opts, &plan, Graphs { vision, image, embed, decoder })?;
+    let mut manifest = manifest(&ck, opts, &plan, graphs)?;
     manifest.assumptions.extend(tokenizer_note);
     manifest.save(tmp.path())?;
     move_into_place(tmp, &opts.out)?;
@@ -188,27 +190,64 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
-fn write_graph(kind: GraphKind, ck: &Checkpoint, plan: &Plan, dir: &Path, bar: &ProgressBar) -> Result<GraphEntry> {
-    let file = format!("{}.onnx", kind.name());
-    let data_file = format!("{file}.data");
+/// Writes graph `kind`; for the decoder with a concatenated cache, also its in-place twin
+/// (`GroupQueryAttention`, for ONNX Runtime's CPU and CUDA providers) on the same data file,
+/// so one engine directory serves every device and the weights are on disk once.
+fn write_graph(
+    kind: GraphKind,
+    ck: &Checkpoint,
+    plan: &Plan,
+    dir: &Path,
+    bar: &ProgressBar,
+) -> Result<(GraphEntry, Option<GraphEntry>)> {
+    let data_file = format!("{}.onnx.data", kind.name());
     let data = ExternalData::create(&dir.join(&data_file))?;
-    let mut b = GraphBuilder::new(kind.name(), data);
-    b.set_progress(bar.clone());
-    b.set_numerics(plan.numerics(kind));
-    if let Some(params) = plan.quant_params(kind) {
-        b.set_quant(params);
-    }
+    let builder = |data: ExternalData| {
+        let mut b = GraphBuilder::new(kind.name(), data);
+        b.set_progress(bar.clone());
+        b.set_numerics(plan.numerics(kind));
+        if let Some(params) = plan.quant_params(kind) {
+            b.set_quant(params);
+        }
+        b
+    };
+    let mut b = builder(data);
     kind.build(&mut b, ck, plan.kv_layout())?;
-    let done = b.finish(env!("CARGO_PKG_VERSION"))?;
+    let twin = kind == GraphKind::Decoder
+        && plan.kv_layout() == KvLayout::Concat
+        && decoder::in_place_supported(&ck.config.text).is_ok();
+    if !twin {
+        let done = b.finish(env!("CARGO_PKG_VERSION"))?;
+        return Ok((entry(dir, format!("{}.onnx", kind.name()), &done, &data_file)?, None));
+    }
+    let (first, data) = b.finish_sharing(env!("CARGO_PKG_VERSION"));
+    let mut b = builder(data);
+    decoder::build(&mut b, ck, KvLayout::SharedBuffer)?;
+    let second = b.finish(env!("CARGO_PKG_VERSION"))?;
+    let shared = |g: FinishedGraph| FinishedGraph {
+        data_bytes: second.data_bytes,
+        data_sha256: second.data_sha256.clone(),
+        ..g
+    };
+    let first = entry(dir, format!("{}.onnx", kind.name()), &shared(first), &data_file)?;
+    let second = entry(dir, IN_PLACE_DECODER_FILE.to_string(), &second, &data_file)?;
+    Ok((first, Some(second)))
+}
+
+/// The in-place twin of `decoder.onnx` (its weights are in `decoder.onnx.data`).
+const IN_PLACE_DECODER_FILE: &str = "decoder_in_place.onnx";
+
+/// Writes a finished graph's `.onnx` file and describes it for the manifest.
+fn entry(dir: &Path, file: String, done: &FinishedGraph, data_file: &str) -> Result<GraphEntry> {
     let path = dir.join(&file);
     std::fs::write(&path, &done.model_bytes).map_err(|e| Error::io(&path, e))?;
     Ok(GraphEntry {
         sha256: sha256_file(&path)?,
         bytes: done.model_bytes.len() as u64,
         file,
-        data: Some(DataFile { file: data_file, sha256: done.data_sha256, bytes: done.data_bytes }),
-        inputs: done.inputs,
-        outputs: done.outputs,
+        data: Some(DataFile { file: data_file.to_string(), sha256: done.data_sha256.clone(), bytes: done.data_bytes }),
+        inputs: done.inputs.clone(),
+        outputs: done.outputs.clone(),
     })
 }
 

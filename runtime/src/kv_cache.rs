@@ -315,7 +315,9 @@ pub fn check_decoder(dir: &Path, manifest: &Manifest) -> Result<()> {
     let dims = &manifest.model;
     let entry = &manifest.graphs.decoder;
     let bad = |message: String| Err(Error::GraphMismatch { path: dir.join(&entry.file), message });
-    if dims.kv_layout == KvLayout::SharedBuffer && manifest.target != Target::OnnxRuntime {
+    // The in-place twin of a standard engine's decoder uses contrib operators by definition.
+    let twin = manifest.graphs.decoder_in_place.as_ref() == Some(entry);
+    if dims.kv_layout == KvLayout::SharedBuffer && manifest.target != Target::OnnxRuntime && !twin {
         return bad("shared KV buffers (GroupQueryAttention) need target onnxruntime".into());
     }
     let find = |specs: &'_ [TensorSpec], name: &str| specs.iter().find(|s| s.name == name).cloned();

@@ -41,6 +41,7 @@ pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
 pub use generate::{Answer, FinishReason, Flow, GenerateOptions, Timings, TokenEvent};
 pub use graph::SessionOptions;
+pub use model::DecoderChoice;
 pub use ort_env::Device;
 pub use pipeline::{Conversation, Media, Pipeline, PipelineOptions};
 pub use verify::Verify;

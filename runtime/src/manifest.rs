@@ -227,14 +227,24 @@ pub struct Graphs {
     pub image: GraphEntry,
     /// Token embedding lookup.
     pub embed: GraphEntry,
-    /// The language model with its KV cache.
+    /// The language model with its KV cache, laid out as [`ModelDims::kv_layout`] says.
     pub decoder: GraphEntry,
+    /// The same language model with ONNX Runtime's `GroupQueryAttention` over KV buffers
+    /// shared in place ([`KvLayout::SharedBuffer`]; contrib operators, whatever the manifest's
+    /// target), on `decoder`'s weights file. Written beside a concatenating `decoder`, so one
+    /// engine directory serves ONNX Runtime's CPU and CUDA providers (batched, in place) and
+    /// TensorRT (standard operators); the runtime picks per device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder_in_place: Option<GraphEntry>,
 }
 
 impl Graphs {
     /// All graphs with their role names.
-    pub fn iter(&self) -> [(&'static str, &GraphEntry); 4] {
-        [("vision", &self.vision), ("image", &self.image), ("embed", &self.embed), ("decoder", &self.decoder)]
+    pub fn iter(&self) -> Vec<(&'static str, &GraphEntry)> {
+        let mut all =
+            vec![("vision", &self.vision), ("image", &self.image), ("embed", &self.embed), ("decoder", &self.decoder)];
+        all.extend(self.decoder_in_place.as_ref().map(|g| ("decoder_in_place", g)));
+        all
     }
 }
 

@@ -15,7 +15,8 @@ use crate::generate::{LanguageModel, features_2d, ms};
 use crate::graph::Graph;
 use crate::graph::SessionOptions;
 use crate::kv_cache;
-use crate::manifest::{FrameSamplingRule, Manifest};
+use crate::manifest::{FrameSamplingRule, KvLayout, MANIFEST_FILE, Manifest};
+use crate::ort_env::Device;
 use crate::preprocess::load_pixel_values_npy;
 use crate::prompt::VisualSlot;
 use crate::verify::{Verify, verify_engine};
@@ -30,12 +31,57 @@ pub struct ModelOptions {
     pub verify: Verify,
     /// Visual features kept for reuse (by content), across conversations.
     pub feature_cache_entries: usize,
+    /// Which decoder graph to run.
+    pub decoder: DecoderChoice,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
-        Self { session: SessionOptions::default(), verify: Verify::Cached, feature_cache_entries: 8 }
+        Self {
+            session: SessionOptions::default(),
+            verify: Verify::Cached,
+            feature_cache_entries: 8,
+            decoder: DecoderChoice::Auto,
+        }
     }
+}
+
+/// Which of an engine's decoder graphs to run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DecoderChoice {
+    /// The in-place decoder (`decoder_in_place.onnx`: KV slots, batched decode steps) where
+    /// the engine has one and the device runs ONNX Runtime's kernels (CPU, CUDA); the
+    /// standard-operator `decoder.onnx` under TensorRT or when it is the only one.
+    #[default]
+    Auto,
+    /// `decoder.onnx`, whatever the device.
+    Standard,
+    /// `decoder_in_place.onnx`; an error for an engine without one.
+    InPlace,
+}
+
+/// Points `manifest.graphs.decoder` and `model.kv_layout` at the decoder `choice` picks for
+/// `device`, so everything downstream reads one decoder from the manifest.
+fn pick_decoder(dir: &Path, manifest: &mut Manifest, choice: DecoderChoice, device: &Device) -> Result<()> {
+    let Some(in_place) = manifest.graphs.decoder_in_place.clone() else {
+        if choice == DecoderChoice::InPlace {
+            return Err(Error::Manifest {
+                path: dir.join(MANIFEST_FILE),
+                message: "the engine has no in-place decoder (decoder_in_place); re-export it with this toolkit".into(),
+            });
+        }
+        return Ok(());
+    };
+    let take = match choice {
+        DecoderChoice::Auto => !matches!(device, Device::TensorRt { .. }),
+        DecoderChoice::Standard => false,
+        DecoderChoice::InPlace => true,
+    };
+    if take {
+        manifest.graphs.decoder = in_place;
+        manifest.model.kv_layout = KvLayout::SharedBuffer;
+    }
+    Ok(())
 }
 
 /// What a conversation is about.
@@ -90,8 +136,9 @@ impl Model {
     /// the manifest). The image graph is loaded on first use.
     pub fn load(dir: impl AsRef<Path>, options: ModelOptions) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        let manifest = Manifest::load(&dir)?;
+        let mut manifest = Manifest::load(&dir)?;
         verify_engine(&dir, &manifest, options.verify)?;
+        pick_decoder(&dir, &mut manifest, options.decoder, &options.session.device)?;
         let tok_path = dir.join(&manifest.tokenizer);
         let tokenizer =
             Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
@@ -117,7 +164,8 @@ impl Model {
         })
     }
 
-    /// The engine's manifest.
+    /// The engine's manifest, as loaded for this device: `graphs.decoder` and
+    /// `model.kv_layout` describe the decoder that runs (see [`DecoderChoice`]).
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }

@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::generate::{Answer, Flow, GenerateOptions, LanguageModel, TokenEvent};
 use crate::graph::SessionOptions;
 use crate::manifest::Manifest;
+use crate::model::{DecoderChoice, Model, ModelOptions};
 pub use crate::model::{Media, Visual};
-use crate::model::{Model, ModelOptions};
 use crate::verify::Verify;
 
 /// How to load an engine.
@@ -23,6 +23,8 @@ pub struct PipelineOptions {
     pub verify: Verify,
     /// Visual features kept for reuse (by content), across conversations.
     pub feature_cache_entries: usize,
+    /// Which decoder graph to run.
+    pub decoder: DecoderChoice,
     /// Batching, limits and KV memory of the serving engine.
     pub engine: EngineOptions,
 }
@@ -34,6 +36,7 @@ impl Default for PipelineOptions {
             session: m.session,
             verify: m.verify,
             feature_cache_entries: m.feature_cache_entries,
+            decoder: m.decoder,
             engine: EngineOptions::default(),
         }
     }
@@ -53,6 +56,7 @@ impl Pipeline {
             session: options.session,
             verify: options.verify,
             feature_cache_entries: options.feature_cache_entries,
+            decoder: options.decoder,
         };
         let model = Arc::new(Model::load(dir, model)?);
         Ok(Self { engine: Engine::start(model, options.engine)? })

@@ -52,46 +52,62 @@ impl LinearOpts {
 pub fn linear(b: &mut GraphBuilder, w: &Weights, x: &str, o: LinearOpts) -> Result<String> {
     let weight_name = w.name("weight");
     b.tap(x, &weight_name, o.inp);
-    let mut weight = w.f32("weight", &[o.out, o.inp])?;
-    if o.scale != 1.0 {
-        weight.iter_mut().for_each(|v| *v *= o.scale);
-    }
     let quant = b.quant();
-    if let Some(s) = quant.as_ref().and_then(|q| q.column_factors.get(&weight_name)) {
-        for row in weight.chunks_exact_mut(o.inp) {
-            row.iter_mut().zip(s.iter()).for_each(|(v, f)| *v *= f);
-        }
-    }
     let row_divisors = quant.as_ref().and_then(|q| q.row_divisors.get(&weight_name).cloned());
-    if let Some(d) = &row_divisors {
-        for (row, d) in weight.chunks_exact_mut(o.inp).zip(d.iter()) {
-            row.iter_mut().for_each(|v| *v /= d);
-        }
-    }
     let mut format = b.numerics().weights;
-    if matches!(format, WeightFormat::Int8Qdq { .. }) && quant.is_some_and(|q| q.float_linears.contains(&weight_name)) {
+    if matches!(format, WeightFormat::Int8Qdq { .. })
+        && quant.as_ref().is_some_and(|q| q.float_linears.contains(&weight_name))
+    {
         format = WeightFormat::Float;
     }
+    // The weight as stored: scaled, with SmoothQuant's factors folded in. Computed only when
+    // this data file does not hold it yet (a second graph on the same file reuses it).
+    let load = || -> Result<Vec<f32>> {
+        let mut weight = w.f32("weight", &[o.out, o.inp])?;
+        if o.scale != 1.0 {
+            weight.iter_mut().for_each(|v| *v *= o.scale);
+        }
+        if let Some(s) = quant.as_ref().and_then(|q| q.column_factors.get(&weight_name)) {
+            for row in weight.chunks_exact_mut(o.inp) {
+                row.iter_mut().zip(s.iter()).for_each(|(v, f)| *v *= f);
+            }
+        }
+        if let Some(d) = &row_divisors {
+            for (row, d) in weight.chunks_exact_mut(o.inp).zip(d.iter()) {
+                row.iter_mut().for_each(|v| *v /= d);
+            }
+        }
+        Ok(weight)
+    };
+    let (inp, out) = (o.inp as i64, o.out as i64);
     let y = match format {
         WeightFormat::Float => {
-            let t = transpose(&weight, o.out, o.inp);
-            drop(weight);
-            let wt = b.weight_act(&w.name("weight"), &[o.inp as i64, o.out as i64], &t)?;
+            let dims = [inp, out];
+            let wt = if b.holds(&weight_name) {
+                b.reuse_act(&weight_name, &dims)?
+            } else {
+                let t = transpose(&load()?, o.out, o.inp);
+                b.weight_act(&weight_name, &dims, &t)?
+            };
             b.op("MatMul", &[x, &wt], vec![])
         }
         WeightFormat::Blocks { bits, block } => {
-            let q = blocks::quantize(&weight, o.out, o.inp, bits, block);
-            drop(weight);
-            let kb = q.k_blocks as i64;
+            let kb = o.inp.div_ceil(block) as i64;
             let blob = (block * bits as usize / 8) as i64;
-            let codes = b.weight_u8(&w.name("weight.codes"), &[o.out as i64, kb, blob], &q.codes)?;
-            let scales = b.weight_act(&w.name("weight.scales"), &[o.out as i64 * kb], &q.scales)?;
+            let (codes_name, scales_name) = (w.name("weight.codes"), w.name("weight.scales"));
+            let (codes_dims, scales_dims) = ([out, kb, blob], [out * kb]);
+            let (codes, scales) = if b.holds(&codes_name) && b.holds(&scales_name) {
+                (b.reuse_u8(&codes_name, &codes_dims)?, b.reuse_act(&scales_name, &scales_dims)?)
+            } else {
+                let q = blocks::quantize(&load()?, o.out, o.inp, bits, block);
+                (b.weight_u8(&codes_name, &codes_dims, &q.codes)?, b.weight_act(&scales_name, &scales_dims, &q.scales)?)
+            };
             b.ms_op(
                 "MatMulNBits",
                 &[x, &codes, &scales],
                 vec![
-                    ("K", Attr::Int(o.inp as i64)),
-                    ("N", Attr::Int(o.out as i64)),
+                    ("K", Attr::Int(inp)),
+                    ("N", Attr::Int(out)),
                     ("bits", Attr::Int(i64::from(bits))),
                     ("block_size", Attr::Int(block as i64)),
                     ("accuracy_level", Attr::Int(MATMUL_NBITS_ACCURACY)),
@@ -100,11 +116,14 @@ pub fn linear(b: &mut GraphBuilder, w: &Weights, x: &str, o: LinearOpts) -> Resu
         }
         WeightFormat::Int8Qdq { .. } => {
             let xq = b.fake_quant_int8(x, b.act_scale(&weight_name)?);
-            let q = int8::quantize(&weight, o.out, o.inp);
-            drop(weight);
-            let codes = b.weight_i8(&w.name("weight.int8"), &[o.inp as i64, o.out as i64], &q.codes)?;
-            let scales = b.weight_f32(&w.name("weight.scale"), &[o.out as i64], &q.scales)?;
-            let zero = b.weight_i8(&w.name("weight.zero_point"), &[o.out as i64], &vec![0i8; o.out])?;
+            let (codes_name, scale_name) = (w.name("weight.int8"), w.name("weight.scale"));
+            let (codes, scales) = if b.holds(&codes_name) && b.holds(&scale_name) {
+                (b.reuse_i8(&codes_name, &[inp, out])?, b.reuse(&scale_name, DType::F32, &[out])?)
+            } else {
+                let q = int8::quantize(&load()?, o.out, o.inp);
+                (b.weight_i8(&codes_name, &[inp, out], &q.codes)?, b.weight_f32(&scale_name, &[out], &q.scales)?)
+            };
+            let zero = b.weight_i8(&w.name("weight.zero_point"), &[out], &vec![0i8; o.out])?;
             let wq = b.op("DequantizeLinear", &[&codes, &scales, &zero], vec![("axis", Attr::Int(1))]);
             b.op("MatMul", &[&xq, &wq], vec![])
         }

@@ -7,7 +7,7 @@ use prost::Message;
 use vl_runtime::manifest::{DType, Dim, TensorSpec};
 
 use super::QuantParams;
-use super::external::ExternalData;
+use super::external::{Extent, ExternalData};
 use super::proto::{
     self, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
     TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType,
@@ -535,10 +535,50 @@ impl GraphBuilder {
     }
 
     fn weight_raw(&mut self, name: &str, data_type: i32, dims: &[i64], bytes: &[u8]) -> Result<String> {
-        let extent = self.data.append(bytes)?;
-        if let Some(bar) = &self.progress {
+        let fresh = !self.data.holds(name);
+        let extent = self.data.tensor(name, data_type, dims, bytes)?;
+        if let Some(bar) = self.progress.as_ref().filter(|_| fresh) {
             bar.inc(extent.length);
         }
+        Ok(self.push_external(name, data_type, dims, extent))
+    }
+
+    /// Whether an earlier graph sharing this data file wrote weight `name`: [`Self::reuse`] then
+    /// references it without computing its bytes again.
+    pub fn holds(&self, name: &str) -> bool {
+        self.data.holds(name)
+    }
+
+    /// References weight `name`, which an earlier graph sharing this data file wrote with this
+    /// element type and shape.
+    pub fn reuse(&mut self, name: &str, dtype: DType, dims: &[i64]) -> Result<String> {
+        self.reuse_raw(name, dtype_code(dtype), dims)
+    }
+
+    /// [`Self::reuse`] for packed uint8 blocks.
+    pub fn reuse_u8(&mut self, name: &str, dims: &[i64]) -> Result<String> {
+        self.reuse_raw(name, DataType::Uint8 as i32, dims)
+    }
+
+    /// [`Self::reuse`] for int8 codes.
+    pub fn reuse_i8(&mut self, name: &str, dims: &[i64]) -> Result<String> {
+        self.reuse_raw(name, DataType::Int8 as i32, dims)
+    }
+
+    /// [`Self::reuse`] for a weight in the activation type.
+    pub fn reuse_act(&mut self, name: &str, dims: &[i64]) -> Result<String> {
+        self.reuse(name, self.numerics.act, dims)
+    }
+
+    fn reuse_raw(&mut self, name: &str, data_type: i32, dims: &[i64]) -> Result<String> {
+        let written = self
+            .data
+            .written(name, data_type, dims)?
+            .ok_or_else(|| Error::Invalid(format!("weight {name} was never written to {}", self.data.file_name())))?;
+        Ok(self.push_external(name, data_type, dims, written.extent))
+    }
+
+    fn push_external(&mut self, name: &str, data_type: i32, dims: &[i64], extent: Extent) -> String {
         let entry = |k: &str, v: String| StringStringEntryProto { key: Some(k.into()), value: Some(v) };
         self.initializers.push(TensorProto {
             name: Some(name.to_string()),
@@ -552,7 +592,7 @@ impl GraphBuilder {
             ],
             ..Default::default()
         });
-        Ok(name.to_string())
+        name.to_string()
     }
 
     /// A float32 weight.
@@ -562,7 +602,14 @@ impl GraphBuilder {
 
     /// Finishes the graph: the model's bytes, its interface, and the data file's size and hash.
     pub fn finish(self, producer_version: &str) -> Result<FinishedGraph> {
-        let (data_bytes, data_sha256) = self.data.finish()?;
+        let (graph, data) = self.finish_sharing(producer_version);
+        let (data_bytes, data_sha256) = data.finish()?;
+        Ok(FinishedGraph { data_bytes, data_sha256, ..graph })
+    }
+
+    /// Finishes the graph but not its data file, which the next graph built on it shares (its
+    /// size and hash are left empty here: they are known when the last graph finishes it).
+    pub fn finish_sharing(self, producer_version: &str) -> (FinishedGraph, ExternalData) {
         let mut opset_import = vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(super::OPSET) }];
         if self.uses_ms_domain {
             opset_import.push(OperatorSetIdProto { domain: Some(MS_DOMAIN.into()), version: Some(1) });
@@ -582,14 +629,15 @@ impl GraphBuilder {
             }),
             ..Default::default()
         };
-        Ok(FinishedGraph {
+        let graph = FinishedGraph {
             model_bytes: model.encode_to_vec(),
             inputs: self.specs_in,
             outputs: self.specs_out,
-            data_bytes,
-            data_sha256,
+            data_bytes: 0,
+            data_sha256: String::new(),
             taps: self.taps.map(|t| t.list).unwrap_or_default(),
-        })
+        };
+        (graph, self.data)
     }
 }
 

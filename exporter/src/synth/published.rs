@@ -242,7 +242,7 @@ mod tests {
             <[_; 2]>::try_from(manifests).map_err(|_| crate::error::Error::Invalid("two builds".into()))?;
         assert_eq!(pm.model, fm.model);
         assert_eq!(pm.graphs, fm.graphs);
-        for g in [&pm.graphs.vision, &pm.graphs.image, &pm.graphs.embed, &pm.graphs.decoder] {
+        for (_, g) in pm.graphs.iter() {
             let mut files = vec![g.file.clone()];
             files.extend(g.data.iter().map(|d| d.file.clone()));
             for f in files {

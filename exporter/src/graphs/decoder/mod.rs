@@ -101,6 +101,11 @@ fn lm_head(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result
     logits
 }
 
+/// Whether ONNX Runtime's `GroupQueryAttention` can run this model (the in-place decoder).
+pub fn in_place_supported(t: &TextConfig) -> Result<()> {
+    gqa::check_supported(t)
+}
+
 /// Builds the decoder whose KV cache crosses the interface as `layout` says.
 pub fn build(b: &mut GraphBuilder, ck: &Checkpoint, layout: KvLayout) -> Result<()> {
     match layout {

@@ -5,7 +5,8 @@
 //! request run alone, with logits within 1e-4; both decoders are covered: the in-place
 //! (`GroupQueryAttention`, batched calls) and the standard-ONNX one (a call per sequence).
 //! Admission: a full queue and the reject policy give `Overloaded`, a request that can never
-//! fit is refused before any work, and the KV budget is never exceeded.
+//! fit is refused before any work, and the KV budget is never exceeded. A first answer that
+//! ends at its first token keeps its question for the follow-up.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -16,7 +17,7 @@ use ndarray_npy::read_npy;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vl_e2e::{built, built_for, fixture_dir, max_abs_diff};
-use vl_runtime::engine::{Done, Engine, EngineOptions, Event, FollowUp, Handle, Pace, Request, WhenFull};
+use vl_runtime::engine::{Done, Engine, EngineOptions, EngineStats, Event, FollowUp, Handle, Pace, Request, WhenFull};
 use vl_runtime::manifest::{KvLayout, Target};
 use vl_runtime::model::{DecoderChoice, Media, Model, ModelOptions};
 use vl_runtime::{Error, FinishReason, GenerateOptions};
@@ -287,6 +288,51 @@ fn an_evicted_conversation_answers_its_follow_up_the_same() {
     assert!(engine.stats().evictions >= 1, "nothing was evicted: {:?}", engine.stats());
     let again = collect(engine.follow_up(follow(&first.done)).unwrap());
     assert_same("follow-up after eviction", &again, &expected);
+}
+
+/// The engine's stats once the scheduler has published the end of every request (stats are
+/// published at the start of each step).
+fn settled(engine: &Engine) -> EngineStats {
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = engine.stats();
+        if (s.active == 0 && s.waiting == 0) || t0.elapsed().as_secs() > 30 {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// A kept conversation whose first answer ended at its first token (sampled from the prompt's
+/// last chunk) keeps its question: the follow-up continues from the whole first prompt.
+fn a_one_token_answer_keeps_its_question(dir: &Path) {
+    let engine = Engine::start(model(dir), EngineOptions::default()).unwrap();
+    let first = alone(&engine, Request { keep: true, options: greedy(1), ..request(0, Pace::Free) });
+    // A fresh engine: what it prefilled is the first prompt.
+    let prompt = settled(&engine).prefill_tokens as usize;
+    assert_eq!(first.done.context_len, prompt, "the first prompt's KV went");
+    let follow = FollowUp {
+        conversation: first.done.conversation.unwrap(),
+        question: "And then?".into(),
+        options: greedy(9),
+        pace: Pace::Free,
+        logits: true,
+    };
+    let follow = collect(engine.follow_up(follow).unwrap());
+    let prefilled = settled(&engine).prefill_tokens as usize - prompt;
+    // The first answer's token and the new turn are fed, the first prompt is not.
+    assert!(prefilled < 40, "the follow-up prefilled {prefilled} tokens");
+    assert_eq!(follow.done.context_len, prompt + prefilled + 9 - 1);
+}
+
+#[test]
+fn a_one_token_answer_keeps_its_question_in_place_decoder() {
+    a_one_token_answer_keeps_its_question(pool_engine());
+}
+
+#[test]
+fn a_one_token_answer_keeps_its_question_standard_decoder() {
+    a_one_token_answer_keeps_its_question(concat_engine());
 }
 
 #[test]

@@ -130,6 +130,78 @@ fn a_stateless_follow_up_continues_from_the_cache_standard_decoder() {
     follow_ups_match(&built("tiny").engine);
 }
 
+/// A first answer that ends at its first token (sampled from the prompt's last chunk, before
+/// any decode step) keeps its prompt's KV: the follow-up that carries it reuses the whole first
+/// prompt, visual tokens included, and answers as without the cache.
+fn a_one_token_answer_keeps_its_prompt(dir: &Path) {
+    let plain = engine(dir, 0);
+    let question = "What happens in this video?";
+    let one = GenerateOptions { max_new_tokens: 1, ignore_eos: true, ..GenerateOptions::default() };
+    let first_token = run(&plain, Request { options: one.clone(), ..request(video(), &[], question, None) });
+    let mut endings = vec![("max_new_tokens 1", one)];
+    // The same first token, ended by a stop string (when it has text to stop at).
+    let text = first_token.answer.text.trim();
+    if text.is_empty() {
+        eprintln!("the first token has no text to stop at");
+    } else {
+        let stop = GenerateOptions { stop: vec![text.to_string()], ignore_eos: true, ..GenerateOptions::default() };
+        endings.push(("a stop at the first token", stop));
+    }
+    for (label, options) in endings {
+        let cached = engine(dir, 8);
+        let key = Some("video-1");
+        let first = run(&cached, Request { options, ..request(video(), &[], question, key) });
+        assert_eq!(first.answer.token_ids.len(), 1, "{label}: {:?}", first.answer);
+        let before = settled(&cached);
+        // A fresh engine: what it prefilled is the first prompt.
+        let prompt = before.prefill_tokens as usize;
+        assert_eq!(before.prefix_cached, 1, "{label}: {before:?}");
+        assert!(before.kv_bytes_held > 0 && before.kv_bytes_active == 0, "{label}: the prompt's KV went: {before:?}");
+        let earlier = [Exchange { question: question.into(), answer: first.answer.text.clone() }];
+        let follow = run(&cached, request(video(), &earlier, "And then?", key));
+        let after = settled(&cached);
+        assert_same(label, &follow, &run(&plain, request(video(), &earlier, "And then?", key)));
+        assert_eq!(after.prefix_hits, 1, "{label}: {after:?}");
+        let reused = (after.prefix_tokens_reused - before.prefix_tokens_reused) as usize;
+        let prefilled = (after.prefill_tokens - before.prefill_tokens) as usize;
+        assert!(reused >= prompt, "{label}: {reused} of the first prompt's {prompt} tokens reused: {after:?}");
+        assert!(prefilled < 40, "{label}: the follow-up prefilled {prefilled} tokens: {after:?}");
+    }
+}
+
+#[test]
+fn a_one_token_answer_keeps_its_prompt_in_place_decoder() {
+    a_one_token_answer_keeps_its_prompt(pool_engine());
+}
+
+#[test]
+fn a_one_token_answer_keeps_its_prompt_standard_decoder() {
+    a_one_token_answer_keeps_its_prompt(&built("tiny").engine);
+}
+
+#[test]
+fn an_evicted_text_conversation_is_a_miss() {
+    // Two slots: the third conversation evicts the first, which keeps its ids but not their KV.
+    let model = Arc::new(Model::load(pool_engine(), ModelOptions::default()).unwrap());
+    let cached =
+        Engine::start(model, EngineOptions { max_active: 1, slots: 2, prefix_cache: 8, ..Default::default() }).unwrap();
+    let plain = engine(pool_engine(), 0);
+    let question = "Here is a long passage about the harbor before dawn, the boats, the gulls, the market \
+                    stalls and an old man with a cart of empty crates. What does he do next?";
+    let first = run(&cached, request(Media::Text, &[], question, Some("text-0")));
+    run(&cached, request(Media::Text, &[], "Count to ten.", Some("text-1")));
+    run(&cached, request(Media::Text, &[], "Name three colors.", Some("text-2")));
+    let before = settled(&cached);
+    assert!(before.evictions >= 1, "nothing was evicted: {before:?}");
+    let earlier = [Exchange { question: question.into(), answer: first.answer.text }];
+    let follow = run(&cached, request(Media::Text, &earlier, "Go on.", Some("text-0")));
+    let after = settled(&cached);
+    assert_same("after eviction", &follow, &run(&plain, request(Media::Text, &earlier, "Go on.", None)));
+    // Its ids would all be prefilled again: nothing reused, no hit.
+    assert_eq!(after.prefix_hits, 0, "{after:?}");
+    assert_eq!(after.prefix_tokens_reused, 0, "{after:?}");
+}
+
 #[test]
 fn text_follow_ups_and_the_capacity_bound() {
     let cached = engine(pool_engine(), 2);

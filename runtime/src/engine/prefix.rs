@@ -23,11 +23,13 @@ pub(crate) fn shared_len(history: &[u32], unfed: Option<u32>, prompt: &[u32]) ->
     common.min(prompt.len().saturating_sub(1))
 }
 
-/// Whether a cached conversation of `held` ids sharing `shared` of them with a new prompt is
-/// worth taking: all of it continues, or enough of it, or its visual features (a conversation
-/// with media skips the vision graph whatever it shares).
-pub(crate) fn worth_taking(shared: usize, held: usize, has_visual: bool) -> bool {
-    (shared == held && shared > 0) || shared >= MIN_SHARED || has_visual
+/// Whether a cached conversation of `held` ids, sharing `shared` of them with a new prompt and
+/// holding the KV of `reusable` of those, is worth taking: all of it continues, or enough of
+/// it, or its visual features (a conversation with media skips the vision graph whatever it
+/// shares). Shared ids without their KV (an evicted conversation) are prefilled again: they
+/// alone are worth nothing.
+pub(crate) fn worth_taking(shared: usize, held: usize, reusable: usize, has_visual: bool) -> bool {
+    has_visual || (reusable > 0 && (shared == held || reusable >= MIN_SHARED))
 }
 
 /// The cached conversations, least recently used first.
@@ -90,11 +92,22 @@ mod tests {
 
     #[test]
     fn worth_taking_whole_conversations_long_prefixes_or_media() {
-        assert!(worth_taking(10, 10, false));
-        assert!(!worth_taking(10, 40, false));
-        assert!(worth_taking(MIN_SHARED, 400, false));
-        assert!(worth_taking(0, 400, true));
-        assert!(!worth_taking(0, 0, false));
+        assert!(worth_taking(10, 10, 10, false));
+        assert!(!worth_taking(10, 40, 10, false));
+        assert!(worth_taking(MIN_SHARED, 400, MIN_SHARED, false));
+        assert!(worth_taking(0, 400, 0, true));
+        assert!(!worth_taking(0, 0, 0, false));
+    }
+
+    #[test]
+    fn shared_ids_without_their_kv_are_not_worth_taking() {
+        // Evicted (or never filled): the shared ids would all be prefilled again.
+        assert!(!worth_taking(10, 10, 0, false));
+        assert!(!worth_taking(400, 400, 0, false));
+        // A long share of which little KV is left is not worth cutting the conversation for.
+        assert!(!worth_taking(400, 500, MIN_SHARED - 1, false));
+        // Its visual features still skip the vision graph.
+        assert!(worth_taking(400, 400, 0, true));
     }
 
     #[test]

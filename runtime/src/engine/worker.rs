@@ -171,6 +171,14 @@ struct Running {
     finished: bool,
 }
 
+impl Running {
+    /// Whether its prompt was fed to the end (the KV of every id of it is in the cache), even
+    /// if the answer ended at the first token, sampled from the last chunk's logits.
+    fn prefilled(&self) -> bool {
+        self.fed == self.feed.len()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Prefill,
@@ -361,10 +369,12 @@ impl Worker {
                 }
                 let shared = prefix::shared_len(&c.history, c.unfed, &start.prompt);
                 let held = c.history.len() + usize::from(c.unfed.is_some());
-                prefix::worth_taking(shared, held, c.visual.is_some()).then_some((id, shared))
+                // The positions whose KV the request would not prefill again.
+                let reusable = c.len.min(shared);
+                prefix::worth_taking(shared, held, reusable, c.visual.is_some()).then_some((id, reusable, shared))
             })
-            .max_by_key(|&(_, shared)| shared);
-        let Some((id, shared)) = best else {
+            .max_by_key(|&(_, reusable, shared)| (reusable, shared));
+        let Some((id, _, shared)) = best else {
             match media {
                 Media::Text => self.queue.push_back(Queued::Start(start)),
                 media => {
@@ -401,7 +411,8 @@ impl Worker {
         conv.reserved = if conv.slot.is_some() { conv.len } else { 0 };
         conv.busy = true;
         self.stats.prefix_hits += 1;
-        self.stats.prefix_tokens_reused += shared as u64;
+        // What the cache holds after the cut: the prompt's ids it does not prefill again.
+        self.stats.prefix_tokens_reused += conv.len as u64;
         let ids = start.prompt.split_off(shared);
         let Start { max_new, decoding, client, .. } = *start;
         let msg = Continue { conv: id, question: String::new(), max_new, decoding, client };
@@ -830,14 +841,27 @@ impl Worker {
         let r = &self.running[i];
         let conv = self.convs.get_mut(&r.conv).ok_or(Error::Conversation("lost"))?;
         let ids = &r.feed[r.fed..r.fed + n];
-        // Visual features go in only when the feed starts at position 0 (a first turn, or the
-        // re-prefill of an evicted conversation); rows are numbered from there.
-        let visual = conv.visual.as_ref().filter(|_| conv.len == r.fed);
-        let splice = visual.and_then(|(token, features)| {
-            let before = r.feed[..r.fed].iter().filter(|t| *t == token).count();
-            let here = ids.iter().filter(|t| *t == token).count();
-            (here > 0).then(|| Splice { token: *token, features: features.slice(s![before..before + here, ..]) })
-        });
+        // The feed began at position `start`: the history's ids before it are in the cache
+        // already, so the features of this chunk's placeholders are numbered after theirs
+        // (a feed may start inside the visual span: a prefix cut there, a partial roll-back).
+        let start = conv.len.checked_sub(r.fed).ok_or(Error::Conversation("fed more than its cache holds"))?;
+        let earlier = conv.history.get(..start).ok_or(Error::Conversation("its cache runs past its history"))?;
+        let splice = match conv.visual.as_ref() {
+            Some((token, features)) => {
+                let count = |ids: &[u32]| ids.iter().filter(|t| *t == token).count();
+                let before = count(earlier) + count(&r.feed[..r.fed]);
+                let here = count(ids);
+                if before + here > features.nrows() {
+                    return Err(Error::Request(format!(
+                        "{} visual placeholders for {} feature rows",
+                        before + here,
+                        features.nrows()
+                    )));
+                }
+                (here > 0).then(|| Splice { token: *token, features: features.slice(s![before..before + here, ..]) })
+            }
+            None => None,
+        };
         let lm = self.model.language_model();
         match &mut self.backend {
             Backend::PerSequence => {
@@ -918,7 +942,10 @@ impl Worker {
 
     /// Ends running request `i` with an answer.
     fn finish(&mut self, i: usize, reason: FinishReason) {
-        if self.running[i].phase == Phase::Prefill {
+        // Cancelled before its prompt was fed to the end: the part fed does not count. A prompt
+        // fed to the end stays (its KV is valid), whenever the answer ended.
+        let prefilled = self.running[i].prefilled();
+        if !prefilled {
             self.roll_back(i);
         }
         let tokenizer = self.model.tokenizer();
@@ -941,7 +968,7 @@ impl Worker {
         let id = r.conv;
         let (keep, context_len) = match self.convs.get_mut(&id) {
             Some(conv) => {
-                if r.phase != Phase::Prefill {
+                if prefilled {
                     conv.unfed = unfed;
                 }
                 conv.busy = false;
@@ -955,7 +982,10 @@ impl Worker {
         let done = Done { answer, conversation: exposed.then_some(id), context_len };
         let _ = r.client.events.send(Event::Done(done));
         self.mark_finished(i);
-        if !keep {
+        // A cached conversation with neither KV nor visual features (a text prompt cancelled
+        // before it was fed) would only take a place in the cache.
+        let empty = self.convs.get(&id).is_some_and(|c| c.cache.is_some() && c.len == 0 && c.visual.is_none());
+        if !keep || empty {
             self.drop_conv(id);
         }
     }

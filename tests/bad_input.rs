@@ -236,6 +236,41 @@ fn offsets_past_the_end() {
 }
 
 #[test]
+fn non_finite_weights_are_named() {
+    let s = scene();
+    let path = s.ckpt.join(WEIGHTS);
+    let mut tensors = read_tensors(&path);
+    let t = tensors.get_mut(RESHAPED).unwrap();
+    assert_eq!(t.dtype, Dtype::F32);
+    t.data[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+    write_tensors(&path, &tensors);
+    let err = fails(&s, &[WEIGHTS, RESHAPED, "NaN", "element 10"]);
+    assert!(matches!(err, Error::NonFiniteWeight { index: 10, .. }), "{err:?}");
+}
+
+#[test]
+fn config_with_wrong_types_or_impossible_dimensions() {
+    for (section, field, value, wrong_type) in [
+        ("text_config", "hidden_size", serde_json::json!("64"), true),
+        ("vision_config", "num_attention_heads", serde_json::json!(2.5), true),
+        ("text_config", "num_attention_heads", serde_json::json!(5), false),
+        ("vision_config", "num_attention_heads", serde_json::json!(0), false),
+    ] {
+        let s = scene();
+        let path = s.ckpt.join("config.json");
+        let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        config[section][field] = value;
+        std::fs::write(&path, config.to_string()).unwrap();
+        let err = fails(&s, &["config.json", field]);
+        if wrong_type {
+            assert!(matches!(err, Error::ConfigType { .. }), "{err:?}");
+        } else {
+            assert!(matches!(err, Error::ConfigDims { .. }), "{err:?}");
+        }
+    }
+}
+
+#[test]
 fn out_parent_is_a_file() {
     let s = scene();
     let file = s.root.join("plain-file");

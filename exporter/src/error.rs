@@ -114,6 +114,22 @@ pub enum Error {
         /// Its dtype.
         dtype: String,
     },
+    /// A weight holds NaN or an infinity: the checkpoint is corrupt, or was saved after training
+    /// diverged; an engine built from it would answer with garbage.
+    #[error(
+        "{path}: tensor {name} holds a non-finite value ({value}) at element {index}; the checkpoint is corrupt or \
+         was saved from a diverged run"
+    )]
+    NonFiniteWeight {
+        /// The shard holding it.
+        path: PathBuf,
+        /// Full tensor name.
+        name: String,
+        /// Position of the first such element, in row-major order.
+        index: usize,
+        /// That element (NaN, inf or -inf).
+        value: f32,
+    },
     /// `tokenizer.model` is not a SentencePiece model (truncated, corrupt, no pieces).
     #[error("{path}: not a valid SentencePiece model: {message}")]
     SentencePiece {

@@ -403,11 +403,46 @@ pub struct Preprocess {
     pub recipe: PreprocessRecipe,
 }
 
+/// Largest `manifest.yaml` read (a 7B engine's is about 20 KB).
+const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+/// Deepest `[`/`{` nesting read: the YAML parser's time grows with its square (100 000 deep
+/// takes a minute), and vl-export writes none.
+const MAX_FLOW_DEPTH: usize = 32;
+
+/// How deep `[` and `{` nest in `text`, counting those inside quoted strings too (so an
+/// over-estimate, which only matters for absurd strings).
+fn flow_depth(text: &str) -> usize {
+    let (mut depth, mut max) = (0usize, 0usize);
+    for b in text.bytes() {
+        match b {
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
 impl Manifest {
     /// Reads and validates `manifest.yaml` in `engine_dir`.
     pub fn load(engine_dir: &Path) -> Result<Self> {
         let path = engine_dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_MANIFEST_BYTES + 1), &mut text)
+            .map_err(|e| Error::io(&path, e))?;
+        let bad = |message: String| Error::Manifest { path: path.clone(), message };
+        if text.len() as u64 > MAX_MANIFEST_BYTES {
+            return Err(bad(format!("larger than {MAX_MANIFEST_BYTES} bytes: not a manifest vl-export wrote")));
+        }
+        if flow_depth(&text) > MAX_FLOW_DEPTH {
+            return Err(bad(format!(
+                "brackets nested more than {MAX_FLOW_DEPTH} deep: not a manifest vl-export wrote"
+            )));
+        }
         // The version first: a manifest of another schema fails on it, not on a field it lacks.
         #[derive(Deserialize)]
         struct Versioned {
@@ -440,5 +475,92 @@ impl Manifest {
         (0..self.model.num_layers)
             .map(|i| (format!("past_key_values.{i}.key"), format!("past_key_values.{i}.value")))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The tiny engine's manifest (`tests/fixtures/manifest/README.md`).
+    pub(crate) const FIXTURE: &str = include_str!("../../tests/fixtures/manifest/manifest.yaml");
+
+    /// Writes `bytes` as the manifest of a temp engine dir and loads it.
+    fn load(bytes: &[u8]) -> Result<Manifest> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(MANIFEST_FILE), bytes).unwrap();
+        let loaded = Manifest::load(dir.path());
+        if let Err(e) = &loaded {
+            assert!(matches!(e, Error::Manifest { .. } | Error::Io { .. }), "{e:?}");
+            assert!(e.to_string().contains(MANIFEST_FILE), "{e}");
+        }
+        loaded
+    }
+
+    #[test]
+    fn the_fixture_loads_and_every_truncation_is_handled() {
+        let whole = load(FIXTURE.as_bytes()).unwrap();
+        assert_eq!(whole.tokens.video, 601);
+        // One directory for all the cuts: a YAML document cut short is an error, or (cut at the
+        // end of a line after the last required key) a manifest; never a panic.
+        let dir = tempfile::tempdir().unwrap();
+        for end in 0..FIXTURE.len() {
+            std::fs::write(dir.path().join(MANIFEST_FILE), &FIXTURE.as_bytes()[..end]).unwrap();
+            let _ = Manifest::load(dir.path());
+        }
+    }
+
+    #[test]
+    fn hostile_yaml_is_an_error() {
+        // Alias expansion ("billion laughs"), deep nesting, huge and negative numbers.
+        let mut laughs = String::from("schema_version: 2\na0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..12 {
+            let prev = format!("*a{}", i - 1);
+            laughs.push_str(&format!("a{i}: &a{i} [{}]\n", [prev.as_str(); 10].join(", ")));
+        }
+        assert!(load(laughs.as_bytes()).is_err());
+        // Deep flow nesting: 100 000 brackets used to take a minute (twice) before this was bounded.
+        let deep = format!("schema_version: 2\nmodel: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(load(deep.as_bytes()).unwrap_err().to_string().contains("nested"));
+        let deep = format!("schema_version: 2\nmodel: {}", "{a: ".repeat(100_000));
+        assert!(load(deep.as_bytes()).unwrap_err().to_string().contains("nested"));
+        let big = format!("schema_version: 2\n#{}", "x".repeat(2 << 20));
+        assert!(load(big.as_bytes()).unwrap_err().to_string().contains("larger than"));
+        for (field, value) in
+            [("num_layers", "18446744073709551616"), ("num_layers", "-1"), ("vocab_size", "1e400"), ("bos", "x")]
+        {
+            let text = FIXTURE.replacen(&format!("{field}: "), &format!("{field}: {value} #"), 1);
+            let err = load(text.as_bytes()).unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        assert!(load(b"schema_version: 4294967296\n").is_err());
+        assert!(load(b"\xff\xfe not UTF-8").is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..256)) {
+            let _ = load(&data);
+        }
+
+        #[test]
+        fn arbitrary_text_after_the_version_never_panics(text in "[a-z_:\\- \\n\\[\\]{}&*!|>'\"0-9#,.]{0,300}") {
+            let _ = load(format!("schema_version: 2\n{text}").as_bytes());
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
+            let mut data = FIXTURE.as_bytes().to_vec();
+            for (at, byte) in flips {
+                let i = at.index(data.len());
+                data[i] = byte;
+            }
+            let _ = load(&data);
+        }
     }
 }

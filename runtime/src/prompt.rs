@@ -268,4 +268,129 @@ mod tests {
         assert!(matches!(b.conversation(VisualSlot::None, &bad, "hi"), Err(Error::Request(_))));
         Ok(())
     }
+
+    mod properties {
+        #![allow(clippy::unwrap_used)]
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::manifest::Manifest;
+
+        /// The tiny engine's manifest and tokenizer (`tests/fixtures/manifest/README.md`): the
+        /// Hugging Face layout, `<image>` = 600 and `<video>` = 601 as added tokens.
+        fn engine() -> (Tokenizer, Manifest) {
+            let manifest: Manifest =
+                serde_norway::from_str(include_str!("../../tests/fixtures/manifest/manifest.yaml")).unwrap();
+            let tokenizer: Tokenizer = include_str!("../../tests/fixtures/manifest/tokenizer.json").parse().unwrap();
+            (tokenizer, manifest)
+        }
+
+        /// Text made of pieces a hostile client would try: the markers and placeholders the
+        /// templates use, special tokens, braces, and arbitrary characters.
+        fn text() -> impl Strategy<Value = String> {
+            let piece = prop_oneof![
+                prop::sample::select(vec![
+                    "<video>",
+                    "<image>",
+                    "{video}",
+                    "{image}",
+                    "{question}",
+                    "<s>",
+                    "</s>",
+                    "<unk>",
+                    "<pad>",
+                    "<vid",
+                    "eo>",
+                    "<",
+                    ">",
+                    " ",
+                    "\n",
+                    "USER:",
+                    "ASSISTANT:",
+                ])
+                .prop_map(String::from),
+                any::<String>().prop_map(|s| s.chars().take(4).collect()),
+            ];
+            prop::collection::vec(piece, 0..8).prop_map(|p| p.concat())
+        }
+
+        fn slot() -> impl Strategy<Value = VisualSlot> {
+            prop_oneof![
+                (0usize..3).prop_map(|k| VisualSlot::Video { tokens: k * 136 }),
+                (0usize..3).prop_map(|k| VisualSlot::Image { tokens: k * 16 }),
+                Just(VisualSlot::None),
+            ]
+        }
+
+        /// Whatever is accepted holds exactly the slot's visual tokens.
+        fn exact(ids: &[u32], slot: VisualSlot, special: &SpecialTokens) -> std::result::Result<(), TestCaseError> {
+            let count = |id: u32| ids.iter().filter(|&&t| t == id).count();
+            let (video, image) = match slot {
+                VisualSlot::Video { tokens } => (tokens, 0),
+                VisualSlot::Image { tokens } => (0, tokens),
+                VisualSlot::None => (0, 0),
+            };
+            if special.video == special.image {
+                prop_assert_eq!(count(special.video), video + image);
+            } else {
+                prop_assert_eq!((count(special.video), count(special.image)), (video, image));
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn questions_never_add_visual_tokens(slot in slot(), question in text()) {
+                let (tok, m) = engine();
+                let b = PromptBuilder::new(&tok, &m.chat_template, &m.tokens);
+                match b.first_turn(slot, &question) {
+                    Ok(ids) => exact(&ids, slot, &m.tokens)?,
+                    Err(e) => prop_assert!(matches!(e, Error::Request(_)), "{e}"),
+                }
+                // The original layout (one marker shared, split on it).
+                let (tok, template) = (tokenizer(), original_template());
+                let b = PromptBuilder::new(&tok, &template, &SPECIAL);
+                let slot = match slot {
+                    VisualSlot::Video { tokens } => VisualSlot::Video { tokens: tokens / 136 * 8 },
+                    other => other,
+                };
+                match b.first_turn(slot, &question) {
+                    Ok(ids) => exact(&ids, slot, &SPECIAL)?,
+                    Err(e) => prop_assert!(matches!(e, Error::Request(_)), "{e}"),
+                }
+            }
+
+            #[test]
+            fn conversations_never_add_visual_tokens(
+                slot in slot(),
+                earlier in prop::collection::vec((text(), text()), 0..3),
+                question in text(),
+            ) {
+                let (tok, m) = engine();
+                let b = PromptBuilder::new(&tok, &m.chat_template, &m.tokens);
+                let earlier: Vec<Exchange> =
+                    earlier.into_iter().map(|(question, answer)| Exchange { question, answer }).collect();
+                match b.conversation(slot, &earlier, &question) {
+                    Ok(ids) => exact(&ids, slot, &m.tokens)?,
+                    Err(e) => prop_assert!(matches!(e, Error::Request(_)), "{e}"),
+                }
+            }
+        }
+
+        #[test]
+        fn a_typed_placeholder_is_refused_in_every_position() {
+            let (tok, m) = engine();
+            let b = PromptBuilder::new(&tok, &m.chat_template, &m.tokens);
+            let video = VisualSlot::Video { tokens: 136 };
+            assert_eq!(b.first_turn(video, "what happens?").unwrap().iter().filter(|&&t| t == 601).count(), 136);
+            for q in ["<video>", "a <video> b", "<image>", "x<image>"] {
+                assert!(matches!(b.first_turn(video, q), Err(Error::Request(_))), "{q}");
+                assert!(matches!(b.next_turn(q), Err(Error::Request(_))), "{q}");
+                let earlier = [Exchange { question: "hi".into(), answer: q.into() }];
+                assert!(matches!(b.conversation(video, &earlier, "ok"), Err(Error::Request(_))), "{q}");
+            }
+        }
+    }
 }

@@ -429,6 +429,64 @@ mod tests {
         assert_eq!(matcher.finish(), "é");
     }
 
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// The tiny engine's byte-level BPE (`tests/fixtures/manifest/README.md`), 603 ids.
+        fn engine_tokenizer() -> Tokenizer {
+            include_str!("../../tests/fixtures/manifest/tokenizer.json").parse().expect("fixture tokenizer")
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+
+            #[test]
+            fn byte_level_chunks_concatenate_to_the_whole_decode(ids in prop::collection::vec(0u32..610, 0..40)) {
+                // Ids past the vocabulary (603..610) included: skipped, as decode skips them.
+                let tokenizer = engine_tokenizer();
+                let (chunks, _) = stream(&tokenizer, &ids).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(chunks.concat(), tokenizer.decode(&ids, true).map_err(|e| TestCaseError::fail(e.to_string()))?);
+            }
+
+            #[test]
+            fn llama_style_chunks_concatenate_to_the_whole_decode(ids in prop::collection::vec(0u32..300, 0..40)) {
+                let tokenizer = llama_style_tokenizer().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let whole = tokenizer.decode(&ids, true).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                match stream(&tokenizer, &ids) {
+                    Ok((chunks, _)) if !whole.contains(REPLACEMENT) => prop_assert_eq!(chunks.concat(), whole),
+                    // Byte tokens that are not UTF-8: ByteFallback writes one U+FFFD per byte of the
+                    // whole run, which a window of recent ids cannot reproduce (it may see only part
+                    // of the run, or find its emitted text rewritten: a typed error). Never a panic.
+                    Ok(_) | Err(StreamError::PrefixChanged { .. }) => prop_assert!(whole.contains(REPLACEMENT)),
+                    Err(e) => prop_assert!(false, "{e}"),
+                }
+            }
+
+            #[test]
+            fn llama_style_without_byte_tokens_always_streams(ids in prop::collection::vec(prop_oneof![0u32..3, 259u32..292], 0..40)) {
+                let tokenizer = llama_style_tokenizer().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                let (chunks, _) = stream(&tokenizer, &ids).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(chunks.concat(), tokenizer.decode(&ids, true).map_err(|e| TestCaseError::fail(e.to_string()))?);
+            }
+
+            #[test]
+            fn stop_matching_cuts_at_the_first_stop_however_the_text_is_chunked(
+                chunks in prop::collection::vec("[ab\né日]{0,4}", 0..8),
+                stops in prop::collection::vec("[ab\né日]{1,3}", 0..3),
+            ) {
+                let text = chunks.concat();
+                let first = stops.iter().filter_map(|s| text.find(s.as_str())).min();
+                let refs: Vec<&str> = chunks.iter().map(String::as_str).collect();
+                let stop_refs: Vec<&str> = stops.iter().map(String::as_str).collect();
+                let (out, stopped) = run_stops(&stop_refs, &refs);
+                prop_assert_eq!(stopped, first.is_some());
+                prop_assert_eq!(out.as_str(), &text[..first.unwrap_or(text.len())]);
+            }
+        }
+    }
+
     #[test]
     fn no_stop_strings_pass_everything_and_empty_ones_are_rejected() {
         assert_eq!(run_stops(&[], &["a", "b"]), ("ab".into(), false));

@@ -164,22 +164,38 @@ struct Submitted {
     prompt_tokens: usize,
 }
 
-/// Parses, validates and submits (blocking: decodes base64, tokenizes).
-fn submit(app: &App, body: &[u8]) -> Result<Submitted, ApiError> {
+/// A request body checked against everything but the engine: what to ask and how.
+#[derive(Debug)]
+struct Parsed {
+    options: GenerateOptions,
+    turn: Turn,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// Parses and validates a request body for the model `model_id` (no media read, no engine).
+fn parse(body: &[u8], model_id: &str) -> Result<Parsed, ApiError> {
     let mut r: ChatRequest =
         serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid request body: {e}")))?;
     if let Some(model) = &r.model
-        && model != &app.model_id
+        && model != model_id
     {
         return Err(ApiError {
             status: axum::http::StatusCode::NOT_FOUND,
             code: Some("model_not_found"),
-            ..ApiError::invalid(format!("the model {model:?} does not exist; this server serves {:?}", app.model_id))
+            ..ApiError::invalid(format!("the model {model:?} does not exist; this server serves {model_id:?}"))
                 .param("model")
         });
     }
     let options = options(&mut r)?;
     let turn = turn(std::mem::take(&mut r.messages))?;
+    let include_usage = r.stream_options.is_some_and(|o| o.include_usage);
+    Ok(Parsed { options, turn, stream: r.stream, include_usage })
+}
+
+/// Parses, validates and submits (blocking: decodes base64, tokenizes).
+fn submit(app: &App, body: &[u8]) -> Result<Submitted, ApiError> {
+    let Parsed { options, turn, stream, include_usage } = parse(body, &app.model_id)?;
     let Resolved { media, temp, key } = match &turn.media {
         Some((kind, url)) => media::resolve(*kind, url, app.media_root.as_deref())?,
         None => Resolved { media: Media::Text, temp: None, key: "text".into() },
@@ -190,8 +206,7 @@ fn submit(app: &App, body: &[u8]) -> Result<Submitted, ApiError> {
     request.cache_key = Some(key);
     request.options = options;
     let handle = app.engine.submit(request)?;
-    let include_usage = r.stream_options.is_some_and(|o| o.include_usage);
-    Ok(Submitted { handle, temp, stream: r.stream, include_usage, prompt_tokens })
+    Ok(Submitted { handle, temp, stream, include_usage, prompt_tokens })
 }
 
 /// Tokens of the prompt, visual tokens included (as the engine lays it out).
@@ -444,6 +459,155 @@ mod tests {
         let system_only = r#"[{"role":"system","content":"x"}]"#;
         for bad in [assistant_first, assistant_last, media_later, two_media, system_only] {
             assert_eq!(turn(messages(bad)).unwrap_err().status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::{Value, json};
+
+        use super::*;
+
+        const VALID: &str = r#"{"model":"m","messages":[{"role":"system","content":"Be brief."},
+            {"role":"user","content":[{"type":"text","text":"What?"},
+                {"type":"video_url","video_url":{"url":"data:video/mp4;base64,AAAA"}}]},
+            {"role":"assistant","content":"That."},{"role":"user","content":"Why?"}],
+            "stream":true,"stream_options":{"include_usage":true},"max_tokens":5,"temperature":0.5,
+            "top_p":0.9,"top_k":-1,"repetition_penalty":1.1,"stop":["\n"],"seed":3,"n":1}"#;
+
+        /// Never a panic: parsed, or refused with a client error (4xx) that says something.
+        fn total(body: &[u8]) -> std::result::Result<(), TestCaseError> {
+            match parse(body, "m") {
+                Ok(p) => {
+                    prop_assert!(p.options.max_new_tokens > 0);
+                    prop_assert!(p.options.sampling.validate().is_ok());
+                }
+                Err(e) => {
+                    prop_assert!(e.status.is_client_error(), "{}: {}", e.status, e.message);
+                    prop_assert!(!e.message.is_empty());
+                }
+            }
+            Ok(())
+        }
+
+        fn number() -> impl Strategy<Value = Value> {
+            prop_oneof![
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| json!(f)),
+                Just(json!(u64::MAX)),
+                Just(json!(-1)),
+                Just(json!(0)),
+                Just(json!(1e300)),
+                Just(Value::Null),
+                Just(json!("1")),
+            ]
+        }
+
+        fn content() -> impl Strategy<Value = Value> {
+            let part = prop_oneof![
+                ".{0,8}".prop_map(|t| json!({"type": "text", "text": t})),
+                "(data:|file://|https://)?[a-z/;,=A-Z0-9+]{0,16}"
+                    .prop_map(|u| json!({"type": "image_url", "image_url": {"url": u}})),
+                "(data:|file://)?[a-z/;,=A-Z0-9+]{0,16}"
+                    .prop_map(|u| json!({"type": "video_url", "video_url": {"url": u}})),
+                Just(json!({"type": "audio", "audio": {}})),
+                Just(json!({"type": "text"})),
+                Just(json!(42)),
+            ];
+            prop_oneof![
+                ".{0,12}".prop_map(Value::from),
+                prop::collection::vec(part, 0..4).prop_map(Value::from),
+                Just(Value::Null),
+                Just(json!({"text": "x"})),
+            ]
+        }
+
+        fn message() -> impl Strategy<Value = Value> {
+            let role = prop::sample::select(vec!["system", "developer", "user", "assistant", "tool", "USER", ""]);
+            (role, content(), any::<bool>()).prop_map(|(role, content, has)| {
+                if has { json!({"role": role, "content": content}) } else { json!({"role": role}) }
+            })
+        }
+
+        fn request() -> impl Strategy<Value = Value> {
+            (
+                prop::collection::vec(message(), 0..5),
+                prop::collection::vec(
+                    (
+                        prop::sample::select(vec![
+                            "max_tokens",
+                            "max_completion_tokens",
+                            "temperature",
+                            "top_p",
+                            "top_k",
+                            "repetition_penalty",
+                            "seed",
+                            "n",
+                            "stream",
+                            "stop",
+                            "model",
+                            "stream_options",
+                        ]),
+                        number(),
+                    ),
+                    0..5,
+                ),
+            )
+                .prop_map(|(messages, fields)| {
+                    let mut r = json!({"messages": messages});
+                    for (k, v) in fields {
+                        r[k] = v;
+                    }
+                    r
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..128)) {
+                total(&body)?;
+            }
+
+            #[test]
+            fn request_shaped_json_never_panics(r in request()) {
+                total(r.to_string().as_bytes())?;
+            }
+
+            #[test]
+            fn flipped_bytes_never_panic(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
+                let mut body = VALID.as_bytes().to_vec();
+                for (at, byte) in flips {
+                    let i = at.index(body.len());
+                    body[i] = byte;
+                }
+                total(&body)?;
+            }
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn media_urls_resolve_or_are_refused(url in "(data:|file://|)[a-zA-Z/;,=0-9+ ]{0,24}", video in any::<bool>()) {
+                let kind = if video { Kind::Video } else { Kind::Image };
+                if let Err(e) = media::resolve(kind, &url, None) {
+                    prop_assert!(e.status.is_client_error(), "{}: {}", e.status, e.message);
+                }
+            }
+        }
+
+        #[test]
+        fn the_valid_body_parses_and_every_truncation_is_refused() {
+            let p = parse(VALID.as_bytes(), "m").expect("valid");
+            assert_eq!(p.turn.earlier.len(), 1);
+            assert!(p.stream && p.include_usage);
+            for end in 0..VALID.len() {
+                let e = parse(&VALID.as_bytes()[..end], "m").expect_err("truncated");
+                assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+            }
         }
     }
 }

@@ -159,6 +159,10 @@ async fn bad_requests_get_openai_errors() {
     let too_long = json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": 100_000});
     let v = assert_error(post(&url, &too_long).await, 400, "context").await;
     assert_eq!(v["error"]["code"], "context_length_exceeded");
+    // Regression: prompt length + usize::MAX wrapped past the engine's context check.
+    let huge = json!({"messages": [{"role": "user", "content": "a"}], "max_tokens": u64::MAX});
+    let v = assert_error(post(&url, &huge).await, 400, "context").await;
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
 }
 
 /// Waits until the engine runs no request.

@@ -61,11 +61,41 @@ fn explain(file: &[u8], err: safetensors::SafeTensorError) -> String {
         .filter_map(|(name, info)| offsets(info).map(|(start, end)| (name, start, end)))
         .filter(|&(_, _, end)| end > data_len)
         .min_by_key(|&(_, start, _)| start);
-    match past_end {
-        Some((name, start, end)) => format!(
+    if let Some((name, start, end)) = past_end {
+        return format!(
             "tensor {name} lies at data bytes {start}..{end}, past the end of the {data_len} bytes of data; truncated?"
-        ),
-        None => err.to_string(),
+        );
+    }
+    if let Some(wrong) = tensors.iter().find_map(|(name, info)| wrong_size(name, info, offsets(info)?)) {
+        return wrong;
+    }
+    match err {
+        safetensors::SafeTensorError::InvalidOffset(name) => {
+            let at = tensors.get(&name).and_then(offsets).map(|(s, e)| format!(" {s}..{e}")).unwrap_or_default();
+            format!(
+                "tensor {name}'s data_offsets{at} overlap the tensor before it or leave a gap (tensors must tile \
+                 the data in order)"
+            )
+        }
+        err => err.to_string(),
+    }
+}
+
+/// Says how tensor `name`'s dtype and shape disagree with the `start..end` bytes it claims, if
+/// they do.
+fn wrong_size(name: &str, info: &serde_json::Value, (start, end): (u64, u64)) -> Option<String> {
+    let dtype: Dtype = serde_json::from_value(info.get("dtype")?.clone()).ok()?;
+    let shape: Vec<u64> = serde_json::from_value(info.get("shape")?.clone()).ok()?;
+    let bits = shape.iter().try_fold(dtype.bitsize() as u64, |n, &d| n.checked_mul(d));
+    let held = end.checked_sub(start)?;
+    match bits {
+        Some(bits) if bits == held.saturating_mul(8) => None,
+        Some(bits) => Some(format!(
+            "tensor {name}: dtype {dtype:?} and shape {shape:?} need {} bytes but its data_offsets {start}..{end} \
+             hold {held}",
+            bits.div_ceil(8)
+        )),
+        None => Some(format!("tensor {name}: shape {shape:?} of {dtype:?} is too large to address")),
     }
 }
 
@@ -169,11 +199,182 @@ impl TensorStore {
                 message: format!("tensor {name} holds {} bytes for {count} elements", bytes.len()),
             });
         }
-        let values = match entry.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            _ => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        // Non-finite values are looked for in the conversion's own pass, as it goes.
+        let mut values = Vec::with_capacity(count);
+        let mut finite = true;
+        let mut push = |v: f32| {
+            finite &= v.is_finite();
+            values.push(v);
         };
+        match entry.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).for_each(|c| push(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            Dtype::F16 => bytes.chunks_exact(2).for_each(|c| push(f16::from_le_bytes([c[0], c[1]]).to_f32())),
+            _ => bytes.chunks_exact(2).for_each(|c| push(bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        }
+        if !finite && let Some((index, &value)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(Error::NonFiniteWeight { path: shard.path.clone(), name: name.to_string(), index, value });
+        }
         Ok(values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A valid file of three tensors (f32 [2, 3], bf16 [4], f16 []), as `safetensors` writes it.
+    fn valid() -> Vec<u8> {
+        let a: Vec<u8> = (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let b = [0u8; 8];
+        let c = [0u8; 2];
+        let views = [
+            ("a", safetensors::tensor::TensorView::new(Dtype::F32, vec![2, 3], &a).unwrap()),
+            ("b", safetensors::tensor::TensorView::new(Dtype::BF16, vec![4], &b).unwrap()),
+            ("c", safetensors::tensor::TensorView::new(Dtype::F16, vec![], &c).unwrap()),
+        ];
+        safetensors::serialize(views, None).unwrap()
+    }
+
+    /// `header` (JSON) and `data` laid out as a safetensors file.
+    fn join(header: &serde_json::Value, data: &[u8]) -> Vec<u8> {
+        let header = serde_json::to_vec(header).unwrap();
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(&header);
+        file.extend(data);
+        file
+    }
+
+    /// The message of the error reading `file`.
+    fn message(file: &[u8]) -> String {
+        match safetensors_entries(Path::new("w.safetensors"), file) {
+            Err(Error::Safetensors { message, .. }) => {
+                eprintln!("{message}");
+                message
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    /// The valid file's header, with `edit` applied, over its data.
+    fn lie(edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+        let file = valid();
+        let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value = serde_json::from_slice(&file[8..8 + n]).unwrap();
+        edit(&mut header);
+        join(&header, &file[8 + n..])
+    }
+
+    #[test]
+    fn lying_headers_name_the_tensor() {
+        // Overlapping: b starts inside a.
+        let m = message(&lie(|h| h["b"]["data_offsets"] = serde_json::json!([16, 24])));
+        assert!(m.contains("tensor b") || m.contains("tensor c"), "{m}");
+        // The dtype disagrees with the bytes held.
+        let m = message(&lie(|h| h["a"]["dtype"] = serde_json::json!("F16")));
+        assert!(m.contains("tensor a") && m.contains("need 12 bytes") && m.contains("hold 24"), "{m}");
+        // The shape disagrees.
+        let m = message(&lie(|h| h["b"]["shape"] = serde_json::json!([5])));
+        assert!(m.contains("tensor b") && m.contains("need 10 bytes"), "{m}");
+        let m = message(&lie(|h| h["a"]["shape"] = serde_json::json!([u64::MAX, 3])));
+        assert!(m.contains("tensor a") && m.contains("too large"), "{m}");
+        // Past the end.
+        let m = message(&lie(|h| h["c"]["data_offsets"] = serde_json::json!([32, 4000])));
+        assert!(m.contains("tensor c") && m.contains("past the end"), "{m}");
+        // A header length larger than the file.
+        let mut file = valid();
+        let twice = file.len() as u64 * 2;
+        file[..8].copy_from_slice(&twice.to_le_bytes());
+        assert!(message(&file).contains("runs past the end"), "{}", message(&file));
+        file[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(message(&file).contains("runs past the end"), "{}", message(&file));
+    }
+
+    #[test]
+    fn non_finite_weights_are_named() {
+        for (dtype, nan, inf) in [
+            (Dtype::F32, f32::NAN.to_le_bytes().to_vec(), f32::NEG_INFINITY.to_le_bytes().to_vec()),
+            (Dtype::F16, f16::NAN.to_le_bytes().to_vec(), f16::INFINITY.to_le_bytes().to_vec()),
+            (Dtype::BF16, bf16::NAN.to_le_bytes().to_vec(), bf16::NEG_INFINITY.to_le_bytes().to_vec()),
+        ] {
+            let zero = vec![0u8; nan.len()];
+            let dir = tempfile::tempdir().unwrap();
+            let bad: Vec<u8> = [&zero[..], &zero, &nan, &zero].concat();
+            let worse: Vec<u8> = [&zero[..], &inf, &nan, &inf].concat();
+            let good: Vec<u8> = [&zero[..], &zero, &zero, &zero].concat();
+            let views = [
+                ("bad", safetensors::tensor::TensorView::new(dtype, vec![2, 2], &bad).unwrap()),
+                ("worse", safetensors::tensor::TensorView::new(dtype, vec![4], &worse).unwrap()),
+                ("good", safetensors::tensor::TensorView::new(dtype, vec![4], &good).unwrap()),
+            ];
+            safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+            let store = TensorStore::open(dir.path()).unwrap();
+            let err = store.f32("bad", &[2, 2]).unwrap_err();
+            assert!(
+                matches!(&err, Error::NonFiniteWeight { name, index: 2, value, .. } if name == "bad" && value.is_nan())
+            );
+            assert!(err.to_string().contains("tensor bad") && err.to_string().contains("model.safetensors"), "{err}");
+            let err = store.f32("worse", &[4]).unwrap_err();
+            assert!(matches!(&err, Error::NonFiniteWeight { index: 1, value, .. } if value.is_infinite()), "{err}");
+            assert_eq!(store.f32("good", &[4]).unwrap(), vec![0.0; 4]);
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let file = valid();
+        assert_eq!(safetensors_entries(Path::new("w"), &file).unwrap().len(), 3);
+        for end in 0..file.len() {
+            assert!(safetensors_entries(Path::new("w"), &file[..end]).is_err(), "cut at {end} accepted");
+        }
+    }
+
+    /// Never a panic; what is accepted lies inside the file and matches its dtype and shape.
+    fn total(file: &[u8]) -> std::result::Result<(), TestCaseError> {
+        if let Ok(found) = safetensors_entries(Path::new("w"), file) {
+            for (_, l) in found {
+                prop_assert!(l.start <= l.end && l.end <= file.len());
+                let bits = l.shape.iter().product::<usize>() * l.dtype.bitsize();
+                prop_assert_eq!(bits, (l.end - l.start) * 8);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..256)) {
+            total(&data)?;
+        }
+
+        #[test]
+        fn arbitrary_headers_never_panic(header in "\\{(\"[abc]\": ?\\{\"dtype\": ?\"(F32|F16|BF16|U8|F4|I64|X)\", ?\"shape\": ?\\[([0-9]{1,20}, ?){0,3}\\], ?\"data_offsets\": ?\\[[0-9]{1,20}, ?[0-9]{1,20}\\]\\},? ?){0,3}\\}", data in prop::collection::vec(any::<u8>(), 0..64)) {
+            let mut file = (header.len() as u64).to_le_bytes().to_vec();
+            file.extend(header.as_bytes());
+            file.extend(data);
+            total(&file)?;
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
+            let mut file = valid();
+            for (at, byte) in flips {
+                let i = at.index(file.len());
+                file[i] = byte;
+            }
+            total(&file)?;
+        }
+
+        #[test]
+        fn huge_length_fields_never_panic(len in prop::sample::select(vec![u64::MAX, u64::MAX / 2, 1 << 32, 100_000_001])) {
+            let mut file = valid();
+            file[..8].copy_from_slice(&len.to_le_bytes());
+            total(&file)?;
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! the typed storages (`torch.FloatStorage`, ...) and dtypes (`torch.float16`, ...). Any other
 //! global (`posix.system`, `builtins.eval`, ...) is refused as soon as it is named.
 use std::collections::HashMap;
+use std::fmt::{self, Write as _};
 
 use safetensors::Dtype;
 
@@ -24,12 +25,52 @@ type Result<T> = std::result::Result<T, PickleError>;
 /// Most values on the stack at once: a state dict needs a few thousand (`pickle` batches 1000
 /// items per SETITEMS); the bound also bounds nesting, so dropping values cannot overflow.
 const MAX_STACK: usize = 4096;
-/// Most values copied out of the memo in all: a hostile pickle fetching and nesting memoized
-/// containers again and again would otherwise grow without bound ("billion laughs").
+/// Most values copied into or out of the memo in all: a hostile pickle fetching and nesting
+/// memoized containers again and again ("billion laughs"), or memoizing one large container
+/// again and again, would otherwise grow without bound.
 const MAX_MEMO_COPIES: usize = 4 << 20;
+/// Deepest nesting of containers: a state dict needs 4 (dict, tensor arguments, size tuple).
+/// `TUPLE1` repeated nests one level a byte; unbounded, dropping (or copying, or printing) the
+/// value would recurse deep enough to overflow the thread's stack.
+const MAX_DEPTH: usize = 64;
+/// Most characters of a value quoted in an error message.
+const MAX_QUOTED: usize = 160;
 
 fn bad<T>(message: impl Into<String>) -> Result<T> {
     Err(PickleError::Malformed(message.into()))
+}
+
+/// A `fmt::Write` that stops (with an error) after `left` more bytes.
+struct Capped {
+    out: String,
+    left: usize,
+}
+
+impl fmt::Write for Capped {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if s.len() > self.left {
+            let mut end = self.left;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            self.out.push_str(&s[..end]);
+            self.left = 0;
+            return Err(fmt::Error);
+        }
+        self.out.push_str(s);
+        self.left -= s.len();
+        Ok(())
+    }
+}
+
+/// `v` as `{v:?}`, cut after [`MAX_QUOTED`] characters so that an error quoting a large value
+/// stays short (formatting stops there, so it costs no more than that either).
+fn brief(v: &impl fmt::Debug) -> String {
+    let mut w = Capped { out: String::new(), left: MAX_QUOTED };
+    if write!(w, "{v:?}").is_err() {
+        w.out.push_str("...");
+    }
+    w.out
 }
 
 /// A tensor as the pickle describes it: a view of a storage kept in `data/<key>`.
@@ -107,14 +148,14 @@ fn global(module: &str, name: &str) -> Result<Global> {
 fn index(v: &Value, what: &str) -> Result<usize> {
     match v {
         Value::Int(i) => usize::try_from(*i).or_else(|_| bad(format!("negative {what} {i}"))),
-        other => bad(format!("{what} is {other:?}, not an integer")),
+        other => bad(format!("{what} is {}, not an integer", brief(other))),
     }
 }
 
 fn indices(v: &Value, what: &str) -> Result<Vec<usize>> {
     match v {
         Value::Tuple(items) => items.iter().map(|i| index(i, what)).collect(),
-        other => bad(format!("{what} is {other:?}, not a tuple")),
+        other => bad(format!("{what} is {}, not a tuple", brief(other))),
     }
 }
 
@@ -124,40 +165,40 @@ fn rebuild_tensor(args: Vec<Value>) -> Result<Value> {
         return bad(format!("_rebuild_tensor_v2 takes 6 or 7 arguments, got {}", args.len()));
     }
     let Value::Storage { key, dtype } = &args[0] else {
-        return bad(format!("_rebuild_tensor_v2 on {:?}, not a storage", args[0]));
+        return bad(format!("_rebuild_tensor_v2 on {}, not a storage", brief(&args[0])));
     };
     let shape = indices(&args[2], "size")?;
     let stride = indices(&args[3], "stride")?;
     if shape.len() != stride.len() {
-        return bad(format!("size {shape:?} and stride {stride:?} differ in rank"));
+        return bad(format!("size {} and stride {} differ in rank", brief(&shape), brief(&stride)));
     }
     let offset = index(&args[1], "storage offset")?;
     Ok(Value::Tensor(TensorRecord { key: key.clone(), dtype: *dtype, offset, shape, stride }))
 }
 
 fn reduce(callable: Value, args: Value) -> Result<Value> {
-    let Value::Tuple(args) = args else { return bad(format!("REDUCE with arguments {args:?}, not a tuple")) };
+    let Value::Tuple(args) = args else { return bad(format!("REDUCE with arguments {}, not a tuple", brief(&args))) };
     match callable {
         Value::Global(Global::OrderedDict) if args.is_empty() => Ok(Value::Dict(Vec::new())),
         Value::Global(Global::RebuildTensor) => rebuild_tensor(args),
         Value::Global(Global::RebuildParameter) => match args.into_iter().next() {
             Some(t @ Value::Tensor(_)) => Ok(t),
-            other => bad(format!("_rebuild_parameter on {other:?}, not a tensor")),
+            other => bad(format!("_rebuild_parameter on {}, not a tensor", brief(&other))),
         },
-        other => bad(format!("REDUCE calls {other:?}, which builds no tensor or dict")),
+        other => bad(format!("REDUCE calls {}, which builds no tensor or dict", brief(&other))),
     }
 }
 
 /// `('storage', storage_type, key, location, numel)`.
 fn persistent_load(pid: Value) -> Result<Value> {
-    let Value::Tuple(items) = pid else { return bad(format!("persistent id {pid:?} is not a tuple")) };
+    let Value::Tuple(items) = pid else { return bad(format!("persistent id {} is not a tuple", brief(&pid))) };
     match items.as_slice() {
         [Value::Str(kind), Value::Global(Global::Storage(dtype)), Value::Str(key), Value::Str(_), Value::Int(_)]
             if kind == "storage" =>
         {
             Ok(Value::Storage { key: key.clone(), dtype: *dtype })
         }
-        other => bad(format!("persistent id {other:?} is not ('storage', type, key, location, numel)")),
+        other => bad(format!("persistent id {} is not ('storage', type, key, location, numel)", brief(&other))),
     }
 }
 
@@ -167,6 +208,28 @@ struct Machine<'a> {
     stack: Vec<Value>,
     memo: HashMap<u32, Value>,
     copies: usize,
+}
+
+/// Whether `v` nests containers more than `limit` deep (recursing no deeper than that).
+fn deeper_than(v: &Value, limit: usize) -> bool {
+    let inner = |limit: usize| -> Option<usize> { limit.checked_sub(1) };
+    match v {
+        Value::Tuple(items) | Value::List(items) => {
+            inner(limit).is_none_or(|l| items.iter().any(|i| deeper_than(i, l)))
+        }
+        Value::Dict(items) => {
+            inner(limit).is_none_or(|l| items.iter().any(|(k, v)| deeper_than(k, l) || deeper_than(v, l)))
+        }
+        _ => false,
+    }
+}
+
+/// Refuses `items` as the contents of a container if that would nest deeper than [`MAX_DEPTH`].
+fn nestable(items: &[Value], at: usize) -> Result<()> {
+    if items.iter().any(|v| deeper_than(v, MAX_DEPTH - 1)) {
+        return bad(format!("containers nested more than {MAX_DEPTH} deep at byte {at}: not a state dict"));
+    }
+    Ok(())
 }
 
 /// How many values `v` holds, itself included.
@@ -246,6 +309,10 @@ impl<'a> Machine<'a> {
         Ok(())
     }
     fn memo_put(&mut self, at: u32) -> Result<()> {
+        self.copies += count(self.top()?);
+        if self.copies > MAX_MEMO_COPIES {
+            return bad(format!("more than {MAX_MEMO_COPIES} values copied into the memo: not a state dict"));
+        }
         let v = self.top()?.clone();
         self.memo.insert(at, v);
         Ok(())
@@ -254,6 +321,7 @@ impl<'a> Machine<'a> {
         if !items.len().is_multiple_of(2) {
             return bad("SETITEMS with an odd number of values");
         }
+        nestable(&items, self.pos)?;
         let Value::Dict(dict) = self.top()? else { return bad("SETITEM(S) on something not a dict") };
         let mut it = items.into_iter();
         while let (Some(k), Some(v)) = (it.next(), it.next()) {
@@ -262,6 +330,7 @@ impl<'a> Machine<'a> {
         Ok(())
     }
     fn append(&mut self, items: Vec<Value>) -> Result<()> {
+        nestable(&items, self.pos)?;
         let Value::List(list) = self.top()? else { return bad("APPEND(S) on something not a list") };
         list.extend(items);
         Ok(())
@@ -332,10 +401,15 @@ impl<'a> Machine<'a> {
                 self.take(8)?;
                 Some(Value::Float)
             }
-            b't' => Some(Value::Tuple(self.pop_mark()?)),
+            b't' => {
+                let items = self.pop_mark()?;
+                nestable(&items, at)?;
+                Some(Value::Tuple(items))
+            }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
                 let items = (0..n).map(|_| self.pop()).collect::<Result<Vec<_>>>()?;
+                nestable(&items, at)?;
                 Some(Value::Tuple(items.into_iter().rev().collect()))
             }
             b's' => {
@@ -438,7 +512,7 @@ pub fn state_dict(data: &[u8]) -> Result<Vec<(String, TensorRecord)>> {
     let Value::Dict(items) = result else { return bad("the pickle holds no dict of tensors") };
     let mut out = Vec::with_capacity(items.len());
     for (k, v) in items {
-        let Value::Str(name) = k else { return bad(format!("state dict key {k:?} is not a string")) };
+        let Value::Str(name) = k else { return bad(format!("state dict key {} is not a string", brief(&k))) };
         if let Value::Tensor(t) = v {
             out.push((name, t));
         }
@@ -509,5 +583,172 @@ mod tests {
             laughs.extend([b']', b'(', b'h', i, b'h', i, b'e', b'q', i + 1]);
         }
         assert!(malformed(&laughs).contains("copied from the memo"));
+    }
+
+    #[test]
+    fn memoizing_one_large_list_again_and_again_is_bounded() {
+        // A list of 4000 Nones, then MEMOIZE 100_000 times: 400 million values cloned unchecked.
+        let mut p = vec![0x80, 2, b']', b'('];
+        p.extend(std::iter::repeat_n(b'N', 4000));
+        p.push(b'e');
+        p.extend(std::iter::repeat_n(0x94, 100_000));
+        p.push(b'.');
+        assert!(malformed(&p).contains("copied into the memo"));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_it_can_overflow_the_stack() {
+        // `]` wrapped in a million TUPLE1s: dropping it used to recurse a million frames deep.
+        let mut p = vec![0x80, 2, b']'];
+        p.extend(std::iter::repeat_n(0x85, 1_000_000));
+        p.push(b'.');
+        assert!(malformed(&p).contains("nested more than"));
+        // Lists nested through APPEND and the stack, and dicts through SETITEM.
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b']', MAX_STACK - 1));
+        p.extend(std::iter::repeat_n(b'a', MAX_STACK - 2));
+        assert!(malformed(&p).contains("nested more than"));
+        let mut p = vec![0x80, 2, b'}'];
+        for _ in 0..200 {
+            p.extend([b'K', 1, b'}']);
+        }
+        p.extend(std::iter::repeat_n(b's', 200));
+        assert!(malformed(&p).contains("nested more than"));
+    }
+
+    #[test]
+    fn errors_quote_large_values_briefly() {
+        // A persistent id that is a list of 3000 strings: the error quotes the start of it.
+        let mut p = vec![0x80, 2, b']', b'('];
+        for _ in 0..3000 {
+            p.extend([0x8c, 5]);
+            p.extend(b"hello");
+        }
+        p.extend([b'e', b'Q', b'.']);
+        let m = malformed(&p);
+        assert!(m.len() < 2 * MAX_QUOTED, "{} bytes: {m}", m.len());
+        assert!(m.starts_with("persistent id List([Str(\"hello\")") && m.contains("..."), "{m}");
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::synth::torch_bin::{PickledTensor, state_dict_pickle};
+
+        /// The pickle of a small valid state dict (two tensors, one storage each).
+        fn valid() -> Vec<u8> {
+            let records = [
+                PickledTensor {
+                    name: "a.weight",
+                    key: "0",
+                    dtype: Dtype::F16,
+                    numel: 6,
+                    offset: 0,
+                    shape: &[2, 3],
+                    stride: &[3, 1],
+                },
+                PickledTensor {
+                    name: "b.bias",
+                    key: "1",
+                    dtype: Dtype::F32,
+                    numel: 4,
+                    offset: 1,
+                    shape: &[3],
+                    stride: &[1],
+                },
+            ];
+            state_dict_pickle(&records)
+        }
+
+        /// Never a panic: a value or an error; an accepted pickle holds sane records.
+        fn total(data: &[u8]) -> std::result::Result<(), TestCaseError> {
+            if let Ok(tensors) = state_dict(data) {
+                for (_, t) in tensors {
+                    prop_assert_eq!(t.shape.len(), t.stride.len());
+                }
+            }
+            Ok(())
+        }
+
+        /// One opcode with well-formed arguments, so that sequences of them get past the first
+        /// few bytes and reach the machine's deeper states.
+        fn opcode() -> impl Strategy<Value = Vec<u8>> {
+            let fixed = prop::sample::select(vec![
+                b'}', b']', b')', b'(', b'N', 0x88, b't', 0x85, 0x86, 0x87, b's', b'u', b'a', b'e', 0x94, b'R', b'b',
+                b'Q', b'0', 0x93, b'.',
+            ])
+            .prop_map(|b| vec![b]);
+            let globals = prop::sample::select(vec![
+                &b"ccollections\nOrderedDict\n"[..],
+                b"ctorch._utils\n_rebuild_tensor_v2\n",
+                b"ctorch._utils\n_rebuild_parameter\n",
+                b"ctorch\nHalfStorage\n",
+                b"ctorch\nfloat16\n",
+                b"cposix\nsystem\n",
+            ])
+            .prop_map(<[u8]>::to_vec);
+            let strings = prop::sample::select(vec!["storage", "0", "cpu", "w", "collections", "OrderedDict", "torch"])
+                .prop_map(|t| [&[0x8c, t.len() as u8][..], t.as_bytes()].concat());
+            prop_oneof![
+                4 => fixed,
+                1 => globals,
+                2 => strings,
+                2 => any::<u8>().prop_map(|k| vec![b'K', k]),
+                1 => any::<u8>().prop_map(|i| vec![b'q', i % 8]),
+                1 => any::<u8>().prop_map(|i| vec![b'h', i % 8]),
+                1 => any::<[u8; 4]>().prop_map(|b| [&[b'J'][..], &b].concat()),
+                1 => (0u8..10, any::<[u8; 9]>()).prop_map(|(n, b)| [&[0x8a, n][..], &b[..usize::from(n).min(9)]].concat()),
+                1 => any::<u8>().prop_map(|b| vec![b]),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..256)) {
+                total(&data)?;
+            }
+
+            #[test]
+            fn opcode_sequences_never_panic(ops in prop::collection::vec(opcode(), 0..64)) {
+                let data: Vec<u8> = [vec![0x80, 2]].into_iter().chain(ops).flatten().collect();
+                total(&data)?;
+            }
+
+            #[test]
+            fn flipped_bytes_never_panic(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
+                let mut data = valid();
+                for (at, byte) in flips {
+                    let i = at.index(data.len());
+                    data[i] = byte;
+                }
+                total(&data)?;
+            }
+
+            #[test]
+            fn huge_length_fields_are_errors(at in any::<prop::sample::Index>(), op in prop::sample::select(vec![b'X', b'B', 0x8d, 0x95]), fill in prop::sample::select(vec![0xFFu8, 0x7F, 0x80])) {
+                // A length field of all-ones (or nearly) spliced in at any opcode boundary.
+                let data = valid();
+                let i = at.index(data.len());
+                let width = if matches!(op, 0x8d | 0x95) { 8 } else { 4 };
+                let mut p = data[..i].to_vec();
+                p.push(op);
+                p.extend(std::iter::repeat_n(fill, width));
+                p.extend(&data[i..]);
+                total(&p)?;
+            }
+        }
+
+        #[test]
+        fn the_valid_pickle_reads_and_every_truncation_is_an_error() {
+            let data = valid();
+            let tensors = state_dict(&data).unwrap();
+            assert_eq!(tensors.len(), 2);
+            for end in 0..data.len() {
+                assert!(state_dict(&data[..end]).is_err(), "cut at {end} of {} accepted", data.len());
+            }
+        }
     }
 }

@@ -15,7 +15,8 @@ fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
         if dim != 1 && s != expected {
             return false;
         }
-        expected *= dim;
+        // Saturating: a shape too large to address fails on its size in `locate`, not here.
+        expected = expected.saturating_mul(dim);
     }
     true
 }
@@ -97,5 +98,85 @@ mod tests {
         assert!(is_contiguous(&[2, 1, 3], &[3, 7, 1]));
         assert!(is_contiguous(&[], &[]));
         assert!(!is_contiguous(&[2, 3], &[1, 2]));
+    }
+
+    #[test]
+    fn shapes_too_large_to_address_are_errors() {
+        // The running stride product overflowed (a panic with overflow checks on).
+        let record = TensorRecord {
+            key: "0".into(),
+            dtype: safetensors::Dtype::F32,
+            offset: 0,
+            shape: vec![1 << 40, 1 << 40, 2],
+            stride: vec![1 << 41, 2, 1],
+        };
+        let err = locate("w", &record, 100..200).err().unwrap_or_default();
+        assert!(err.contains("tensor w") && err.contains("runs past"), "{err}");
+        let record = TensorRecord { offset: usize::MAX / 2, shape: vec![2], stride: vec![1], ..record };
+        assert!(locate("w", &record, 100..200).is_err());
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::synth::torch_bin::write_state_dict;
+
+        /// The bytes of a valid two-tensor `torch.save` zip.
+        fn valid() -> Vec<u8> {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let path = dir.path().join("pytorch_model.bin");
+            let tensors =
+                vec![("a.weight".to_string(), vec![2, 3], vec![7u8; 24]), ("b".to_string(), vec![], vec![1u8; 4])];
+            write_state_dict(&path, &tensors, safetensors::Dtype::F32).expect("written");
+            std::fs::read(&path).expect("read back")
+        }
+
+        /// Never a panic; what is accepted lies inside the file.
+        fn total(file: &[u8]) -> std::result::Result<(), TestCaseError> {
+            if let Ok(found) = read(Path::new("x.bin"), file) {
+                for (_, l) in found {
+                    prop_assert!(l.start <= l.end && l.end <= file.len());
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(500))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..512)) {
+                total(&data)?;
+            }
+
+            #[test]
+            fn flipped_bytes_never_panic(flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4)) {
+                let mut data = valid();
+                for (at, byte) in flips {
+                    let i = at.index(data.len());
+                    data[i] = byte;
+                }
+                total(&data)?;
+            }
+
+            #[test]
+            fn huge_fields_never_panic(at in any::<prop::sample::Index>(), width in 2usize..=8, fill in prop::sample::select(vec![0xFFu8, 0x7F, 0x80])) {
+                // All-ones (or nearly) written over any 2 to 8 bytes: sizes, offsets, counts.
+                let mut data = valid();
+                let i = at.index(data.len() - width);
+                data[i..i + width].fill(fill);
+                total(&data)?;
+            }
+        }
+
+        #[test]
+        fn the_valid_zip_reads_and_every_truncation_is_an_error() {
+            let data = valid();
+            assert_eq!(read(Path::new("x.bin"), &data).expect("valid").len(), 2);
+            for end in 0..data.len() {
+                assert!(read(Path::new("x.bin"), &data[..end]).is_err(), "cut at {end} of {} accepted", data.len());
+            }
+        }
     }
 }

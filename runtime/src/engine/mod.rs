@@ -224,8 +224,10 @@ impl Engine {
             &request.question,
         )?;
         let max_new = request.options.max_new_tokens;
-        if prompt.len() + max_new > self.limit {
-            return Err(Error::ContextOverflow { needed: prompt.len() + max_new, max_new, limit: self.limit });
+        // Saturating: `max_tokens` comes from the client, and usize::MAX must not wrap past the check.
+        let needed = prompt.len().saturating_add(max_new);
+        if needed > self.limit {
+            return Err(Error::ContextOverflow { needed, max_new, limit: self.limit });
         }
         self.enqueue()?;
         let (client, mut handle) = self.client(request.pace, request.logits);

@@ -548,7 +548,7 @@ impl Worker {
                 Some(c) => (c.len, c.history.len(), c.slot.is_some()),
                 None => (0, 0, false),
             };
-            let total = history + appended_len + max_new;
+            let total = history.saturating_add(appended_len).saturating_add(max_new);
             let limit = self.limit();
             if total > limit {
                 let Some(q) = self.queue.pop_front() else { break };

@@ -236,6 +236,7 @@ fn onnxruntime_target_concurrent_conversations_match_sequential_ones() {
                 top_p: 0.9,
                 repetition_penalty: 1.1,
                 seed: 7 + i as u64,
+                ..Default::default()
             };
             GenerateOptions { sampling, max_new_tokens: 24, ignore_eos: true, ..GenerateOptions::default() }
         };

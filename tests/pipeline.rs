@@ -81,6 +81,7 @@ fn request(i: usize) -> (String, GenerateOptions) {
         top_p: 0.9,
         repetition_penalty: 1.1,
         seed: 1000 + i as u64,
+        ..SamplingParams::default()
     };
     let question = ["Describe the video.", "What color is it?", "Who is there?", "Where is this?"][i / 2];
     (question.to_string(), GenerateOptions { sampling, max_new_tokens: 24, ignore_eos: true, ..Default::default() })

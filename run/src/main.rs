@@ -48,6 +48,12 @@ struct Cli {
     /// Penalty for repeated tokens (1 = off).
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2]: per time a token is in the answer (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// OpenAI's presence penalty, in [-2, 2]: once for each token in the answer (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
     /// Random seed for sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -128,6 +134,8 @@ fn run() -> Result<()> {
             top_k: cli.top_k,
             top_p: cli.top_p,
             repetition_penalty: cli.repetition_penalty,
+            frequency_penalty: cli.frequency_penalty,
+            presence_penalty: cli.presence_penalty,
             seed: cli.seed,
         },
         max_new_tokens: cli.max_new_tokens,

@@ -270,7 +270,7 @@ impl Decoding {
     }
 
     /// Samples the next token from `logits` (`history`: every id fed so far, for the repetition
-    /// penalty) and streams its text to `emit`. `emit`'s answer ends the answer after this token.
+    /// penalty; the answer's own ids for the frequency and presence penalties) and streams its text to `emit`. `emit`'s answer ends the answer after this token.
     pub fn step(
         &mut self,
         tokenizer: &Tokenizer,
@@ -278,7 +278,7 @@ impl Decoding {
         history: &[u32],
         emit: &mut dyn FnMut(TokenEvent<'_>) -> Flow,
     ) -> Result<Next> {
-        let id = self.sampler.sample(logits, history);
+        let id = self.sampler.sample_answer(logits, history, &self.ids);
         if self.ids.is_empty() {
             self.timings.time_to_first_token_ms = ms(self.started.elapsed());
         }

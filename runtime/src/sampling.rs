@@ -33,13 +33,27 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Penalty (> 0) for tokens already present in the sequence; 1.0 turns it off.
     pub repetition_penalty: f32,
+    /// OpenAI's `frequency_penalty` in [-2, 2]: subtracted from a token's logit once per time
+    /// the answer so far holds it; 0 turns it off.
+    pub frequency_penalty: f32,
+    /// OpenAI's `presence_penalty` in [-2, 2]: subtracted from the logit of every token the
+    /// answer so far holds; 0 turns it off.
+    pub presence_penalty: f32,
     /// Seed of the random generator, so that a request can be replayed exactly.
     pub seed: u64,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            seed: 0,
+        }
     }
 }
 
@@ -56,6 +70,12 @@ pub enum SamplingError {
     /// The repetition penalty is not a finite number > 0.
     #[error("repetition_penalty must be a finite number > 0 (1 = off), got {0}")]
     RepetitionPenalty(f32),
+    /// The frequency penalty lies outside [-2, 2] or is NaN.
+    #[error("frequency_penalty must lie in [-2, 2] (0 = off), got {0}")]
+    FrequencyPenalty(f32),
+    /// The presence penalty lies outside [-2, 2] or is NaN.
+    #[error("presence_penalty must lie in [-2, 2] (0 = off), got {0}")]
+    PresencePenalty(f32),
 }
 
 impl SamplingParams {
@@ -69,6 +89,12 @@ impl SamplingParams {
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(SamplingError::RepetitionPenalty(self.repetition_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.frequency_penalty) {
+            return Err(SamplingError::FrequencyPenalty(self.frequency_penalty));
+        }
+        if !(-2.0..=2.0).contains(&self.presence_penalty) {
+            return Err(SamplingError::PresencePenalty(self.presence_penalty));
         }
         Ok(())
     }
@@ -122,9 +148,18 @@ impl Sampler {
     /// filters are applied, as transformers does before its draw. Returns 0 when `logits`
     /// is empty or every entry is -inf or NaN.
     pub fn sample(&mut self, logits: &mut [f32], previous_tokens: &[u32]) -> u32 {
+        self.sample_answer(logits, previous_tokens, &[])
+    }
+
+    /// Like [`Self::sample`], with `answer` (the ids generated so far) for OpenAI's frequency
+    /// and presence penalties, applied after the repetition penalty as vLLM does.
+    pub fn sample_answer(&mut self, logits: &mut [f32], previous_tokens: &[u32], answer: &[u32]) -> u32 {
         nan_to_neg_inf(logits);
         if self.params.repetition_penalty != 1.0 {
             self.apply_repetition_penalty(logits, previous_tokens);
+        }
+        if self.params.frequency_penalty != 0.0 || self.params.presence_penalty != 0.0 {
+            self.apply_answer_penalties(logits, answer);
         }
         if self.params.is_greedy() {
             return argmax(logits);
@@ -139,6 +174,26 @@ impl Sampler {
         let total = softmax_weights(logits, &mut self.weights);
         let total = if self.params.top_p < 1.0 { self.apply_top_p(logits, total) } else { total };
         self.draw(logits, total)
+    }
+
+    /// `logit -= frequency_penalty * count + presence_penalty * (count > 0)` for every token
+    /// the answer holds (OpenAI's definition).
+    fn apply_answer_penalties(&mut self, logits: &mut [f32], answer: &[u32]) {
+        let (frequency, presence) = (self.params.frequency_penalty, self.params.presence_penalty);
+        self.seen.clear();
+        self.seen.resize(logits.len().div_ceil(64), 0);
+        for &token in answer {
+            let index = token as usize;
+            let Some(logit) = logits.get_mut(index) else {
+                continue;
+            };
+            *logit -= frequency;
+            let (word, bit) = (index / 64, 1_u64 << (index % 64));
+            if self.seen[word] & bit == 0 {
+                self.seen[word] |= bit;
+                *logit -= presence;
+            }
+        }
     }
 
     /// `RepetitionPenaltyLogitsProcessor`: once per distinct previous token,
@@ -418,6 +473,22 @@ mod tests {
             s.sample(&mut processed, &[]);
             let kept: Vec<bool> = processed.iter().map(|x| x.is_finite()).collect();
             assert_eq!(kept, reference_top_p(&logits, top_p), "top_p {top_p}");
+        }
+    }
+
+    #[test]
+    fn frequency_and_presence_penalties_follow_openai() {
+        let params = SamplingParams { frequency_penalty: 0.5, presence_penalty: 0.25, ..sampling(0.0, 1) };
+        let mut s = sampler(params);
+        let mut logits = [2.0, 1.9, 0.0];
+        // Token 0 twice in the answer: 2.0 - 2 * 0.5 - 0.25 = 0.75 < 1.9.
+        assert_eq!(s.sample_answer(&mut logits, &[], &[0, 0, 7]), 1);
+        assert_eq!(logits, [0.75, 1.9, 0.0]);
+        // The prompt's ids (`previous_tokens`) are not the answer's.
+        assert_eq!(s.sample_answer(&mut [2.0, 1.9, 0.0], &[0, 0], &[]), 0);
+        for bad in [2.5, -2.5, f32::NAN] {
+            assert!(SamplingParams { frequency_penalty: bad, ..params }.validate().is_err());
+            assert!(SamplingParams { presence_penalty: bad, ..params }.validate().is_err());
         }
     }
 

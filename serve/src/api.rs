@@ -34,6 +34,12 @@ pub struct ChatRequest {
     /// Repetition penalty (vLLM's extension).
     #[serde(default)]
     pub repetition_penalty: Option<f32>,
+    /// OpenAI's frequency penalty in [-2, 2].
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// OpenAI's presence penalty in [-2, 2].
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
     /// Keep going past end-of-sequence (vLLM's extension).
     #[serde(default)]
     pub ignore_eos: bool,

@@ -138,6 +138,8 @@ fn options(r: &mut ChatRequest) -> Result<GenerateOptions, ApiError> {
         top_p: r.top_p.unwrap_or(1.0),
         top_k: r.top_k.map_or(0, |k| usize::try_from(k).unwrap_or(0)),
         repetition_penalty: r.repetition_penalty.unwrap_or(1.0),
+        frequency_penalty: r.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: r.presence_penalty.unwrap_or(0.0),
         seed: r.seed.unwrap_or_else(rand_seed),
     };
     sampling.validate().map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -462,6 +464,22 @@ mod tests {
         }
     }
 
+    #[test]
+    fn openai_penalties_map_to_the_sampler_and_out_of_range_is_a_400() {
+        let body = |f: f32, p: f32| {
+            serde_json::to_vec(&serde_json::json!({"model": "m", "messages": [{"role": "user", "content": "x"}],
+                "frequency_penalty": f, "presence_penalty": p}))
+            .unwrap_or_default()
+        };
+        let ok = parse(&body(0.5, -0.25), "m").unwrap_or_else(|e| panic!("{}", e.message));
+        assert_eq!((ok.options.sampling.frequency_penalty, ok.options.sampling.presence_penalty), (0.5, -0.25));
+        for (f, p) in [(2.5, 0.0), (0.0, -3.0)] {
+            let e = parse(&body(f, p), "m").err().unwrap_or_else(|| panic!("{f} {p} accepted"));
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+            assert!(e.message.contains("penalty"), "{}", e.message);
+        }
+    }
+
     mod properties {
         use proptest::prelude::*;
         use serde_json::{Value, json};
@@ -473,7 +491,8 @@ mod tests {
                 {"type":"video_url","video_url":{"url":"data:video/mp4;base64,AAAA"}}]},
             {"role":"assistant","content":"That."},{"role":"user","content":"Why?"}],
             "stream":true,"stream_options":{"include_usage":true},"max_tokens":5,"temperature":0.5,
-            "top_p":0.9,"top_k":-1,"repetition_penalty":1.1,"stop":["\n"],"seed":3,"n":1}"#;
+            "top_p":0.9,"top_k":-1,"repetition_penalty":1.1,"frequency_penalty":0.5,
+            "presence_penalty":-0.25,"stop":["\n"],"seed":3,"n":1}"#;
 
         /// Never a panic: parsed, or refused with a client error (4xx) that says something.
         fn total(body: &[u8]) -> std::result::Result<(), TestCaseError> {
@@ -542,6 +561,8 @@ mod tests {
                             "top_p",
                             "top_k",
                             "repetition_penalty",
+                            "frequency_penalty",
+                            "presence_penalty",
                             "seed",
                             "n",
                             "stream",

@@ -18,6 +18,7 @@ use crate::graphs::{GraphKind, decoder, vision};
 use crate::onnx::{ExternalData, FinishedGraph, GraphBuilder};
 use crate::precision::Plan;
 use crate::quant::calibrate::{CalibOptions, calibrate};
+use crate::staging;
 
 /// What to export and where.
 #[derive(Debug, Clone)]
@@ -93,7 +94,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     check_destination(&opts.out)?;
     let parent = parent_dir(&opts.out);
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let tmp = tempfile::Builder::new().prefix(".vl-export-").tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    staging::clean_stale(&parent, staging::PREFIX)?;
+    let tmp =
+        tempfile::Builder::new().prefix(staging::PREFIX).tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
+    let claim = staging::claim(tmp.path(), &opts.out)?;
 
     let bar = progress_bar(opts.progress);
     let mut timings = Vec::new();
@@ -120,6 +124,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     manifest.assumptions.extend(tokenizer_note);
     manifest.save(tmp.path())?;
     move_into_place(tmp, &opts.out)?;
+    drop(claim);
     Ok(BuildReport { manifest, graphs: timings, elapsed: started.elapsed(), notice: ck.notice.clone() })
 }
 
@@ -154,9 +159,7 @@ fn check_destination(out: &Path) -> Result<()> {
 fn move_into_place(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
     // The old engine is parked under the staging directory's name plus `.old`: unique, since
     // tempfile reserved that name for this export alone.
-    let mut parked = tmp.path().as_os_str().to_owned();
-    parked.push(".old");
-    let old = out.exists().then(|| PathBuf::from(parked));
+    let old = out.exists().then(|| staging::parked(tmp.path()));
     if let Some(old) = &old {
         std::fs::rename(out, old).map_err(|e| Error::io(out, e))?;
     }

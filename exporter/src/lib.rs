@@ -4,7 +4,8 @@
 //! shares with the runtime, ONNX Runtime for calibration and evaluation); the runtime never
 //! depends on it. Inside, imports point one way
 //! (tested by no module importing one that imports it back): `checkpoint` ← `contract`;
-//! `weight_codes`, `onnx` ← `graphs` ← `quant` (calibration) ← `precision` ← `export`.
+//! `weight_codes`, `onnx` ← `graphs` ← `quant` (calibration) ← `precision` ← `export`;
+//! `staging` (leftovers of killed runs) ← `quant`, `export`.
 //!
 //! ```no_run
 //! use vl_export::export::{BuildOptions, build};
@@ -23,6 +24,7 @@ pub mod graphs;
 pub mod onnx;
 pub mod precision;
 pub mod quant;
+pub mod staging;
 pub mod synth;
 pub mod weight_codes;
 

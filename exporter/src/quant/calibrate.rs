@@ -35,6 +35,7 @@ use crate::contract::MediaContract;
 use crate::error::{Error, Result};
 use crate::graphs::GraphKind;
 use crate::onnx::{ExternalData, GraphBuilder, SmoothSource, Tap};
+use crate::staging;
 
 /// How to calibrate.
 #[derive(Debug, Clone, Default)]
@@ -471,8 +472,13 @@ fn samples(
 
 /// Runs the calibration and returns the table.
 fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> Result<QuantTable> {
-    let work =
-        tempfile::Builder::new().prefix("vl-calib-").tempdir().map_err(|e| Error::io(std::env::temp_dir(), e))?;
+    let scratch = std::env::temp_dir();
+    staging::clean_stale(&scratch, staging::CALIB_PREFIX)?;
+    let work = tempfile::Builder::new()
+        .prefix(staging::CALIB_PREFIX)
+        .tempdir_in(&scratch)
+        .map_err(|e| Error::io(&scratch, e))?;
+    let _claim = staging::claim(work.path(), Path::new(""))?;
     let MediaContract { preprocess: pre, chat_template: template, tokens, .. } =
         MediaContract::of(ck, &mut Vec::new())?;
     let px = pixels(spec, &pre, work.path())?;

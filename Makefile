@@ -6,7 +6,7 @@ ORT_VERSION := 1.31.1
 CARGO ?= cargo
 WORK := work
 
-.PHONY: setup oracle-setup build demo test parity goldens config-goldens tokenizer-goldens bench fmt lint clean
+.PHONY: setup oracle-setup build demo test parity goldens config-goldens tokenizer-goldens bench fmt lint clean fuzz stress
 
 # System ffmpeg and Chromium (vl-serve's page test), the ONNX Runtime shared library (PyPI wheel), the openai client and Playwright (vl-serve tests; no browser download) in .venv, and a release build.
 setup:
@@ -36,6 +36,16 @@ demo: setup
 
 test:
 	$(CARGO) test --release --workspace
+
+# The property tests of the readers and parsers at 20x their CI cases (~20,000 inputs for the pickle reader).
+PROPTEST_SCALE ?= 20
+fuzz:
+	VL_PROPTEST_SCALE=$(PROPTEST_SCALE) $(CARGO) test --release -p vl-export -p vl-runtime -p vl-serve --lib
+
+# 16 threads over one engine: 5,000 requests (CI runs 200), some cancelled; answers, idleness and memory checked.
+STRESS_REQUESTS ?= 5000
+stress:
+	VL_STRESS_REQUESTS=$(STRESS_REQUESTS) $(CARGO) test --release -p vl-e2e --test stress -- --nocapture
 
 # Regenerate the golden fixtures with transformers, then compare live (needs oracle-setup).
 goldens:

@@ -3,7 +3,9 @@
 //! Frames are picked by their decode index with ffmpeg's `select` filter and come back as
 //! full-size rgb24 ([`RgbFrame`]); resizing happens in [`crate::preprocess`] so that the
 //! result matches the Hugging Face processor. Only the selected frames are ever held in
-//! memory, so a 4K video costs about `frames × width × height × 3` bytes.
+//! memory, so a 4K video costs about `frames × width × height × 3` bytes; frames larger than
+//! [`DecodeOptions::max_frame_pixels`] are scaled down inside ffmpeg first. Every `ffprobe`
+//! and `ffmpeg` run is killed (and reaped) after [`DecodeOptions::timeout`].
 //!
 //! ```no_run
 //! use vl_runtime::video::{load_video, FrameSampling};
@@ -15,9 +17,12 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::sync::mpsc::{RecvTimeoutError, sync_channel};
+use std::time::{Duration, Instant};
 
 use ffmpeg_sidecar::command::{FfmpegCommand, ffmpeg_is_installed};
 use ffmpeg_sidecar::event::{FfmpegEvent, LogLevel, OutputVideoFrame};
@@ -27,6 +32,40 @@ use serde::Deserialize;
 const INSTALL_HINT: &str = "install it with `apt-get install ffmpeg` (or `make setup`)";
 /// Lines of ffmpeg's stderr kept for error messages.
 const STDERR_TAIL_LINES: usize = 12;
+/// Most bytes of ffprobe's stdout or stderr read (its JSON for one stream is about 1 kB).
+const PROBE_OUTPUT_LIMIT: u64 = 1 << 20;
+
+/// How long one `ffprobe` or `ffmpeg` run may take by default before it is killed.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Largest decoded frame by default, in pixels: 3840 × 2160 (4K UHD).
+pub const DEFAULT_MAX_FRAME_PIXELS: u64 = 3840 * 2160;
+
+/// How videos and images are decoded: the programs, a time limit and a frame-size limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecodeOptions {
+    /// Longest one `ffprobe` or `ffmpeg` run may take; it is then killed and reaped and the
+    /// call fails with [`VideoError::Timeout`]. Default [`DEFAULT_TIMEOUT`] (60 s).
+    pub timeout: Duration,
+    /// Frames with more pixels than this (after rotation) are scaled down inside ffmpeg,
+    /// keeping the aspect ratio, so that memory stays bounded whatever the input; smaller
+    /// frames come back at full size. Default [`DEFAULT_MAX_FRAME_PIXELS`] (4K UHD).
+    pub max_frame_pixels: u64,
+    /// The `ffmpeg` program (default: next to the executable, else `ffmpeg` on `PATH`).
+    pub ffmpeg: PathBuf,
+    /// The `ffprobe` program (default: next to the executable, else `ffprobe` on `PATH`).
+    pub ffprobe: PathBuf,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_TIMEOUT,
+            max_frame_pixels: DEFAULT_MAX_FRAME_PIXELS,
+            ffmpeg: ffmpeg_sidecar::paths::ffmpeg_path(),
+            ffprobe: ffmpeg_sidecar::ffprobe::ffprobe_path(),
+        }
+    }
+}
 
 /// Everything that can go wrong while decoding or preprocessing a video or an image.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +154,16 @@ pub enum VideoError {
         index: usize,
         /// Frames in the video.
         n_frames: usize,
+    },
+    /// `ffprobe` or `ffmpeg` ran past [`DecodeOptions::timeout`] and was killed.
+    #[error("{path}: {tool} did not finish within {}s and was stopped", timeout.as_secs_f64())]
+    Timeout {
+        /// The input file.
+        path: PathBuf,
+        /// `ffmpeg` or `ffprobe`.
+        tool: &'static str,
+        /// The limit it ran into.
+        timeout: Duration,
     },
     /// ffmpeg failed while decoding.
     #[error("{path}: ffmpeg failed ({status}); its last messages:\n{stderr_tail}")]
@@ -337,7 +386,8 @@ pub struct SampledVideo {
     pub frames: Vec<RgbFrame>,
 }
 
-/// Probes `path`, samples `n_wanted` frame indices and decodes them.
+/// Probes `path`, samples `n_wanted` frame indices and decodes them, with the default
+/// [`DecodeOptions`].
 ///
 /// If the container's packet count overstates the decodable frames (edit lists, broken
 /// files), the frames are counted by decoding once and the sampling is redone.
@@ -346,16 +396,25 @@ pub fn load_video(
     sampling: FrameSampling,
     n_wanted: usize,
 ) -> Result<SampledVideo, VideoError> {
+    load_video_with(path, sampling, n_wanted, &DecodeOptions::default())
+}
+
+/// [`load_video`] with explicit [`DecodeOptions`] (programs, time limit, frame-size limit).
+pub fn load_video_with(
+    path: impl AsRef<Path>,
+    sampling: FrameSampling,
+    n_wanted: usize,
+    opts: &DecodeOptions,
+) -> Result<SampledVideo, VideoError> {
     let path = path.as_ref();
-    ensure_ffmpeg()?;
-    let info = probe(path)?;
+    let info = probe_inner(path, false, opts)?;
     let indices = sampling.indices(info.n_frames, n_wanted);
-    match decode_frames_with(path, &info, &indices) {
+    match decode_frames_inner(path, &info, &indices, opts) {
         Ok(frames) => Ok(SampledVideo { info, indices, frames }),
         Err(VideoError::MissingFrames { .. }) => {
-            let info = probe_with(path, true)?;
+            let info = probe_inner(path, true, opts)?;
             let indices = sampling.indices(info.n_frames, n_wanted);
-            let frames = decode_frames_with(path, &info, &indices)?;
+            let frames = decode_frames_inner(path, &info, &indices, opts)?;
             Ok(SampledVideo { info, indices, frames })
         }
         Err(e) => Err(e),
@@ -364,18 +423,32 @@ pub fn load_video(
 
 /// Reads a file's first video stream with `ffprobe`: frame count, size, rotation, duration.
 pub fn probe(path: impl AsRef<Path>) -> Result<VideoInfo, VideoError> {
-    probe_with(path.as_ref(), false)
+    probe_inner(path.as_ref(), false, &DecodeOptions::default())
+}
+
+/// [`probe`] with explicit [`DecodeOptions`].
+pub fn probe_with(path: impl AsRef<Path>, opts: &DecodeOptions) -> Result<VideoInfo, VideoError> {
+    probe_inner(path.as_ref(), false, opts)
 }
 
 /// Decodes the frames at `indices` (decode order, as decord counts them) as full-size rgb24.
 ///
 /// Each distinct index is decoded once; duplicates share the decoded picture. Rotation
-/// metadata is applied (ffmpeg's autorotate), so frames have [`VideoInfo::display_size`].
+/// metadata is applied (ffmpeg's autorotate), so frames have [`VideoInfo::display_size`]
+/// (scaled down if larger than [`DecodeOptions::max_frame_pixels`]).
 pub fn decode_frames(path: impl AsRef<Path>, indices: &[usize]) -> Result<Vec<RgbFrame>, VideoError> {
+    decode_frames_with(path, indices, &DecodeOptions::default())
+}
+
+/// [`decode_frames`] with explicit [`DecodeOptions`].
+pub fn decode_frames_with(
+    path: impl AsRef<Path>,
+    indices: &[usize],
+    opts: &DecodeOptions,
+) -> Result<Vec<RgbFrame>, VideoError> {
     let path = path.as_ref();
-    ensure_ffmpeg()?;
-    let info = probe(path)?;
-    decode_frames_with(path, &info, indices)
+    let info = probe_inner(path, false, opts)?;
+    decode_frames_inner(path, &info, indices, opts)
 }
 
 /// Decodes a still image (jpg, png, webp, bmp, the first frame of a gif) as rgb24.
@@ -383,10 +456,14 @@ pub fn decode_frames(path: impl AsRef<Path>, indices: &[usize]) -> Result<Vec<Rg
 /// An alpha channel is dropped, like Pillow's `convert("RGB")`; EXIF orientation is not
 /// applied (ffmpeg 5 ignores it).
 pub fn load_image(path: impl AsRef<Path>) -> Result<RgbFrame, VideoError> {
+    load_image_with(path, &DecodeOptions::default())
+}
+
+/// [`load_image`] with explicit [`DecodeOptions`].
+pub fn load_image_with(path: impl AsRef<Path>, opts: &DecodeOptions) -> Result<RgbFrame, VideoError> {
     let path = path.as_ref();
-    ensure_ffmpeg()?;
-    let info = probe(path)?;
-    let mut frames = decode_frames_with(path, &info, &[0])?;
+    let info = probe_inner(path, false, opts)?;
+    let mut frames = decode_frames_inner(path, &info, &[0], opts)?;
     frames.pop().ok_or_else(|| VideoError::MissingFrames {
         path: path.to_path_buf(),
         wanted: 1,
@@ -464,16 +541,16 @@ struct ProbeFormat {
 }
 
 /// Runs ffprobe; `count_frames` decodes the stream to count frames instead of packets.
-fn probe_with(path: &Path, count_frames: bool) -> Result<VideoInfo, VideoError> {
+fn probe_inner(path: &Path, count_frames: bool, opts: &DecodeOptions) -> Result<VideoInfo, VideoError> {
     check_file(path)?;
-    let json = run_ffprobe(path, count_frames)?;
+    let json = run_ffprobe(path, count_frames, opts)?;
     let parsed: ProbeJson = serde_json::from_slice(&json)
         .map_err(|e| VideoError::Probe { path: path.to_path_buf(), detail: e.to_string() })?;
     video_info(path, parsed, count_frames)
 }
 
 /// Runs ffprobe and returns its JSON output.
-fn run_ffprobe(path: &Path, count_frames: bool) -> Result<Vec<u8>, VideoError> {
+fn run_ffprobe(path: &Path, count_frames: bool, opts: &DecodeOptions) -> Result<Vec<u8>, VideoError> {
     let (count_flag, count_field) =
         if count_frames { ("-count_frames", "nb_read_frames") } else { ("-count_packets", "nb_read_packets") };
     let entries = format!(
@@ -481,22 +558,83 @@ fn run_ffprobe(path: &Path, count_frames: bool) -> Result<Vec<u8>, VideoError> {
          :stream_disposition=attached_pic:stream_tags=rotate:stream_side_data=rotation\
          :format=duration"
     );
-    let output = Command::new(ffmpeg_sidecar::ffprobe::ffprobe_path())
-        .args(["-v", "error", count_flag, "-show_entries", &entries, "-of", "json"])
-        .arg(ffmpeg_url(path))
-        .output()
-        .map_err(|source| match source.kind() {
-            std::io::ErrorKind::NotFound => VideoError::FfprobeMissing,
-            _ => VideoError::Spawn { path: path.to_path_buf(), tool: "ffprobe", source },
-        })?;
-    if !output.status.success() {
+    let mut command = Command::new(&opts.ffprobe);
+    command.args(["-v", "error", count_flag, "-show_entries", &entries, "-of", "json"]).arg(ffmpeg_url(path));
+    let output = run_with_timeout(command, path, opts.timeout)?;
+    if !output.success {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let detail = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
         let detail = detail.strip_prefix(&*ffmpeg_url(path).to_string_lossy()).unwrap_or(detail);
         let detail = detail.trim_start_matches(':').trim().to_string();
+        let detail = if detail.is_empty() { format!("ffprobe ended with {}", output.status) } else { detail };
         return Err(VideoError::NotAVideo { path: path.to_path_buf(), detail });
     }
     Ok(output.stdout)
+}
+
+/// What a finished ffprobe run left: its exit status and (capped) output.
+struct ProbeOutput {
+    success: bool,
+    status: String,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+/// Runs `command` (ffprobe) with no stdin, reading at most [`PROBE_OUTPUT_LIMIT`] bytes of
+/// each of stdout and stderr; kills and reaps it once `timeout` has passed.
+fn run_with_timeout(mut command: Command, path: &Path, timeout: Duration) -> Result<ProbeOutput, VideoError> {
+    let tool = "ffprobe";
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => VideoError::FfprobeMissing,
+        _ => VideoError::Spawn { path: path.to_path_buf(), tool, source },
+    })?;
+    let readers = (child.stdout.take().map(read_capped), child.stderr.take().map(read_capped));
+    let status = wait_until(&mut child, Instant::now() + timeout);
+    // The pipes close once the child is gone, so the readers finish.
+    let stdout = readers.0.map(join_reader).unwrap_or_default();
+    let stderr = readers.1.map(join_reader).unwrap_or_default();
+    match status {
+        Ok(Some(status)) => Ok(ProbeOutput { success: status.success(), status: status.to_string(), stdout, stderr }),
+        Ok(None) => Err(VideoError::Timeout { path: path.to_path_buf(), tool, timeout }),
+        Err(source) => Err(VideoError::Spawn { path: path.to_path_buf(), tool, source }),
+    }
+}
+
+/// Reads a pipe to its end on a thread, keeping the first [`PROBE_OUTPUT_LIMIT`] bytes and
+/// draining the rest so the child never blocks on a full pipe.
+fn read_capped(pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut pipe = pipe;
+        let mut kept = Vec::new();
+        let _ = pipe.by_ref().take(PROBE_OUTPUT_LIMIT).read_to_end(&mut kept);
+        let _ = std::io::copy(&mut pipe, &mut std::io::sink());
+        kept
+    })
+}
+
+/// The bytes a [`read_capped`] thread read (none if it panicked).
+fn join_reader(handle: std::thread::JoinHandle<Vec<u8>>) -> Vec<u8> {
+    handle.join().unwrap_or_default()
+}
+
+/// Waits for `child` until `deadline`; past it, kills and reaps it and returns `None`.
+fn wait_until(child: &mut Child, deadline: Instant) -> std::io::Result<Option<std::process::ExitStatus>> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            // It may have exited in between: kill fails then, and wait reaps it either way.
+            let _ = child.kill();
+            child.wait()?;
+            return Ok(None);
+        }
+        std::thread::sleep(pause.min(deadline - now));
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
 }
 
 /// Picks the first real video stream (not cover art) and turns it into a [`VideoInfo`].
@@ -557,7 +695,12 @@ fn select_filter(distinct: &[usize]) -> String {
 }
 
 /// Decodes `indices` of the stream described by `info`.
-fn decode_frames_with(path: &Path, info: &VideoInfo, indices: &[usize]) -> Result<Vec<RgbFrame>, VideoError> {
+fn decode_frames_inner(
+    path: &Path,
+    info: &VideoInfo,
+    indices: &[usize],
+    opts: &DecodeOptions,
+) -> Result<Vec<RgbFrame>, VideoError> {
     if let Some(&index) = indices.iter().find(|&&i| i >= info.n_frames) {
         return Err(VideoError::FrameOutOfRange { path: path.to_path_buf(), index, n_frames: info.n_frames });
     }
@@ -565,8 +708,25 @@ fn decode_frames_with(path: &Path, info: &VideoInfo, indices: &[usize]) -> Resul
         return Ok(Vec::new());
     }
     let distinct: Vec<usize> = indices.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
-    let decoded = run_ffmpeg_select(path, info, &distinct)?;
+    let decoded = run_ffmpeg_select(path, info, &distinct, opts)?;
     Ok(spread(&distinct, decoded, indices))
+}
+
+/// The size frames come out of ffmpeg: the display size, scaled down (aspect kept, each side
+/// at least 1) when it has more than `max_pixels` pixels.
+fn output_size(info: &VideoInfo, max_pixels: u64) -> (u32, u32) {
+    let (w, h) = info.display_size();
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels <= max_pixels.max(1) {
+        return (w, h);
+    }
+    let scale = (max_pixels.max(1) as f64 / pixels as f64).sqrt();
+    let side = |x: u32| ((f64::from(x) * scale).floor() as u32).max(1);
+    let (mut sw, mut sh) = (side(w), side(h));
+    while u64::from(sw) * u64::from(sh) > max_pixels.max(1) && (sw > 1 || sh > 1) {
+        if sw >= sh { sw -= 1 } else { sh -= 1 }
+    }
+    (sw, sh)
 }
 
 /// Maps frames decoded for the sorted `distinct` indices back onto `indices`, moving each
@@ -588,14 +748,27 @@ fn spread(distinct: &[usize], decoded: Vec<RgbFrame>, indices: &[usize]) -> Vec<
 }
 
 /// Runs ffmpeg once, returning the frames at `distinct` (sorted, unique) in that order.
-fn run_ffmpeg_select(path: &Path, info: &VideoInfo, distinct: &[usize]) -> Result<Vec<RgbFrame>, VideoError> {
-    let mut command = FfmpegCommand::new();
+///
+/// ffmpeg is killed and reaped on every path: errors, a frame of the wrong size, and the
+/// time limit.
+fn run_ffmpeg_select(
+    path: &Path,
+    info: &VideoInfo,
+    distinct: &[usize],
+    opts: &DecodeOptions,
+) -> Result<Vec<RgbFrame>, VideoError> {
+    let size = output_size(info, opts.max_frame_pixels);
+    let mut filter = select_filter(distinct);
+    if size != info.display_size() {
+        filter.push_str(&format!(",scale={}:{}:flags=area", size.0, size.1));
+    }
+    let mut command = FfmpegCommand::new_with_path(&opts.ffmpeg);
     command
         .hide_banner()
         .arg("-nostdin")
         .input(ffmpeg_url(path))
         .map(format!("0:{}", info.stream_index))
-        .filter(select_filter(distinct))
+        .filter(filter)
         .fps_mode("passthrough")
         .frames(u32::try_from(distinct.len()).unwrap_or(u32::MAX))
         .rawvideo();
@@ -603,11 +776,14 @@ fn run_ffmpeg_select(path: &Path, info: &VideoInfo, distinct: &[usize]) -> Resul
         std::io::ErrorKind::NotFound => VideoError::FfmpegMissing,
         _ => VideoError::Spawn { path: path.to_path_buf(), tool: "ffmpeg", source },
     })?;
-    let collected = collect_frames(path, info, &mut child, distinct.len());
+    let deadline = Instant::now() + opts.timeout;
+    let collected = collect_frames(path, info, size, &mut child, distinct.len(), deadline, opts.timeout);
     if collected.is_err() {
         // Stop ffmpeg so it does not block on a full pipe; it may already have exited.
         let _ = child.kill();
     }
+    // `wait` drains stderr only if it was not taken (it was, by `iter`), so this cannot block
+    // on a pipe; after a kill it only reaps.
     let status =
         child.wait().map_err(|source| VideoError::Spawn { path: path.to_path_buf(), tool: "ffmpeg", source })?;
     let (frames, tail) = collected?;
@@ -629,18 +805,34 @@ fn run_ffmpeg_select(path: &Path, info: &VideoInfo, distinct: &[usize]) -> Resul
     Ok(frames)
 }
 
-/// Reads ffmpeg's events: the output frames, and the tail of its log for error messages.
+/// Reads ffmpeg's events until it ends or `deadline` passes: the output frames, and the tail
+/// of its log for error messages.
+///
+/// The events are read on a helper thread and handed over one at a time (a rendezvous
+/// channel), so at most one frame is in flight besides those kept.
 fn collect_frames(
     path: &Path,
     info: &VideoInfo,
+    size: (u32, u32),
     child: &mut ffmpeg_sidecar::child::FfmpegChild,
     wanted: usize,
+    deadline: Instant,
+    timeout: Duration,
 ) -> Result<(Vec<RgbFrame>, VecDeque<String>), VideoError> {
-    let mut iter = child.iter().map_err(|e| VideoError::Decode {
+    let iter = child.iter().map_err(|e| VideoError::Decode {
         path: path.to_path_buf(),
         status: "no output".into(),
         stderr_tail: e.to_string(),
     })?;
+    let (tx, rx) = sync_channel::<FfmpegEvent>(0);
+    // Ends when ffmpeg's pipes close (it exited or was killed) or `rx` is dropped.
+    std::thread::spawn(move || {
+        for event in iter {
+            if tx.send(event).is_err() {
+                break;
+            }
+        }
+    });
     let mut frames = Vec::with_capacity(wanted);
     let mut tail = VecDeque::with_capacity(STDERR_TAIL_LINES);
     let mut remember = |line: String| {
@@ -649,10 +841,18 @@ fn collect_frames(
         }
         tail.push_back(line);
     };
-    for event in iter.by_ref() {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = match rx.recv_timeout(left) {
+            Ok(event) => event,
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(VideoError::Timeout { path: path.to_path_buf(), tool: "ffmpeg", timeout });
+            }
+        };
         match event {
             FfmpegEvent::OutputFrame(frame) if frames.len() < wanted => {
-                frames.push(check_frame(path, info, frame)?);
+                frames.push(check_frame(path, info, size, frame)?);
             }
             FfmpegEvent::Log(level, line) => remember(format!("{}{line}", level_prefix(&level))),
             FfmpegEvent::Error(line) => remember(format!("error: {line}")),
@@ -679,8 +879,12 @@ fn tail_hint(tail: VecDeque<String>) -> String {
 }
 
 /// Checks one output frame against the expected size and format.
-fn check_frame(path: &Path, info: &VideoInfo, frame: OutputVideoFrame) -> Result<RgbFrame, VideoError> {
-    let (width, height) = info.display_size();
+fn check_frame(
+    path: &Path,
+    info: &VideoInfo,
+    (width, height): (u32, u32),
+    frame: OutputVideoFrame,
+) -> Result<RgbFrame, VideoError> {
     let unexpected = |detail: String| VideoError::UnexpectedFrame { path: path.to_path_buf(), detail };
     if frame.pix_fmt != "rgb24" {
         return Err(unexpected(format!("pixel format {} instead of rgb24", frame.pix_fmt)));
@@ -763,6 +967,26 @@ mod tests {
         assert_eq!(info.display_size(), (136, 240));
         info.rotation = 180;
         assert_eq!(info.display_size(), (240, 136));
+    }
+
+    #[test]
+    fn output_size_caps_pixels_keeping_aspect() {
+        let info = |width, height, rotation| VideoInfo {
+            n_frames: 1,
+            width,
+            height,
+            rotation,
+            duration_s: None,
+            stream_index: 0,
+            codec: String::new(),
+        };
+        assert_eq!(output_size(&info(3840, 2160, 0), DEFAULT_MAX_FRAME_PIXELS), (3840, 2160));
+        assert_eq!(output_size(&info(7680, 4320, 0), DEFAULT_MAX_FRAME_PIXELS), (3840, 2160));
+        assert_eq!(output_size(&info(7680, 4320, 90), DEFAULT_MAX_FRAME_PIXELS), (2160, 3840));
+        let (w, h) = output_size(&info(33, 17, 0), 100);
+        assert!(u64::from(w) * u64::from(h) <= 100 && w >= 1 && h >= 1, "{w}x{h}");
+        assert_eq!(output_size(&info(16384, 1, 0), 4), (4, 1));
+        assert_eq!(output_size(&info(5, 5, 0), 0), (1, 1));
     }
 
     #[test]

@@ -425,3 +425,87 @@ fn stop_string_ends_the_answer_without_it() {
     assert!(answer.token_ids.len() < golden_tokens.len());
     assert_eq!(answer.token_ids, golden_tokens[..answer.token_ids.len()]);
 }
+
+#[test]
+fn altered_graph_file_fails_its_checksum() {
+    let _guard = shared();
+    let dir = engine_copy();
+    let graph = dir.path().join("embed.onnx");
+    flip_byte(&graph, std::fs::metadata(&graph).unwrap().len() / 2);
+    let err = load(dir.path(), Verify::Cached).err().expect("an altered graph was accepted");
+    assert!(matches!(&err, Error::Checksum { path, .. } if *path == graph), "{err:?}");
+    assert!(err.to_string().contains("embed.onnx"), "{err}");
+}
+
+#[test]
+fn absurd_manifest_values_fail_the_load_naming_the_field() {
+    let _guard = shared();
+    for (field, value) in [("num_layers", "1000000000000"), ("max_sequence_length", "0"), ("head_dim", "0")] {
+        let dir = engine_copy();
+        let path = dir.path().join("manifest.yaml");
+        let yaml = std::fs::read_to_string(&path).unwrap();
+        let at = yaml.find(&format!("{field}: ")).unwrap_or_else(|| panic!("manifest.yaml has no {field}"));
+        let end = at + yaml[at..].find('\n').unwrap();
+        std::fs::write(&path, format!("{}{field}: {value}{}", &yaml[..at], &yaml[end..])).unwrap();
+        let err = load(dir.path(), Verify::Cached).err().unwrap_or_else(|| panic!("{field}: {value} was accepted"));
+        assert!(matches!(&err, Error::Manifest { path: p, .. } if *p == path), "{err:?}");
+        assert!(err.to_string().contains(field) && err.to_string().contains(value), "{err}");
+    }
+}
+
+#[test]
+fn tokenizer_without_the_video_token_fails_the_load() {
+    let _guard = shared();
+    let dir = engine_copy();
+    let path = dir.path().join("tokenizer.json");
+    let mut tokenizer: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let added = tokenizer["added_tokens"].as_array_mut().unwrap();
+    let before = added.len();
+    added.retain(|t| t["content"] != "<video>");
+    assert_eq!(added.len(), before - 1, "the fixture's tokenizer has no added <video>");
+    if let Some(vocab) = tokenizer["model"]["vocab"].as_object_mut() {
+        vocab.remove("<video>");
+    }
+    std::fs::write(&path, tokenizer.to_string()).unwrap();
+    let err = load(dir.path(), Verify::Cached).err().expect("a tokenizer without <video> was accepted");
+    assert!(matches!(err, Error::Tokenizer(_)), "{err:?}");
+    let shown = err.to_string();
+    assert!(shown.contains("tokenizer.json") && shown.contains("<video>") && shown.contains("601"), "{shown}");
+}
+
+#[test]
+fn a_question_holding_a_placeholder_is_refused_and_opens_no_slot() {
+    let _guard = shared();
+    let p = pipeline();
+    let g = golden();
+    for question in ["What is <video> here?", "<image>", "<video><video>"] {
+        let mut chat = p.conversation(video_pixels()).unwrap();
+        let err = chat.ask(question, &greedy(4), &mut |_| Flow::Continue).unwrap_err();
+        assert!(matches!(err, Error::Request(_)), "{question:?}: {err:?}");
+        assert!(err.to_string().contains("placeholder"), "{question:?}: {err}");
+        assert_eq!(chat.context_len(), 0);
+        // The conversation is unharmed: the golden question still gets the golden answer.
+        assert_eq!(ask(&mut chat, text(&g["prompt"]), &greedy(32)).token_ids, ids(&g["greedy_tokens"]));
+        // In a follow-up too.
+        let before = chat.context_len();
+        let err = chat.ask(question, &greedy(4), &mut |_| Flow::Continue).unwrap_err();
+        assert!(matches!(err, Error::Request(_)), "follow-up {question:?}: {err:?}");
+        assert_eq!(chat.context_len(), before);
+    }
+}
+
+#[test]
+fn empty_and_control_character_questions_answer() {
+    let _guard = shared();
+    let p = pipeline();
+    // Empty, blank, NUL, escape sequences, bell, carriage returns, a BOM, bidi overrides.
+    for question in ["", "   ", "\0", "\x1b[31mred\x1b[0m\x07", "a\r\nb\tc\x7f", "\u{feff}\u{202e}txet"] {
+        let mut chat = p.conversation(video_pixels()).unwrap();
+        let answer = chat.ask(question, &greedy(4), &mut |_| Flow::Continue).unwrap();
+        assert_eq!(answer.token_ids.len(), 4, "{question:?}");
+        let prompt = p.tokenizer().encode(question, false).unwrap().get_ids().len();
+        // The prompt holds the question's tokens, the template's and the 136 visual tokens.
+        assert!(chat.context_len() >= 136 + prompt + 3, "{question:?}: {}", chat.context_len());
+        ask(&mut chat, "And then?", &greedy(2));
+    }
+}

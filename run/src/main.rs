@@ -143,28 +143,52 @@ fn run() -> Result<()> {
         ignore_eos: cli.ignore_eos,
     };
     let mut chat = pipeline.conversation(media)?;
-    let questions: Box<dyn Iterator<Item = std::io::Result<String>>> = match &cli.prompt {
-        Some(p) => Box::new(std::iter::once(Ok(p.clone()))),
-        None => {
-            eprintln!("Ask about the input; an empty line or end of input quits.");
-            Box::new(std::io::stdin().lock().lines())
-        }
+    let Some(prompt) = &cli.prompt else {
+        eprintln!("Ask about the input; an empty line or end of input quits.");
+        return interactive(&mut chat, &generate, &cli);
     };
-    let interactive = cli.prompt.is_none();
-    for question in questions {
-        let question = question.context("reading stdin")?;
+    let answer = ask(&mut chat, prompt, &generate, cli.json)?;
+    if cli.stats {
+        print_stats(&answer);
+    }
+    Ok(())
+}
+
+/// Answers the lines of stdin until an empty one or its end. A line that is not UTF-8, or a
+/// question the engine refuses (too long, a placeholder in it), is reported on stderr and
+/// skipped; the conversation goes on as it was.
+fn interactive(chat: &mut vl_runtime::Conversation<'_>, generate: &GenerateOptions, cli: &Cli) -> Result<()> {
+    for (n, line) in std::io::stdin().lock().split(b'\n').enumerate() {
+        let line = line.context("reading stdin")?;
+        let line = line.strip_suffix(b"\r").unwrap_or(&line);
+        let Ok(question) = std::str::from_utf8(line) else {
+            eprintln!("vl-run: line {} of the input is not valid UTF-8; skipped", n + 1);
+            continue;
+        };
         if question.trim().is_empty() {
             break;
         }
-        let answer = ask(&mut chat, &question, &generate, cli.json)?;
+        let answer = match ask(chat, question, generate, cli.json) {
+            Ok(answer) => answer,
+            Err(e) if refused_question(&e) => {
+                eprintln!("vl-run: {e}; ask another question");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if cli.stats {
             print_stats(&answer);
         }
-        if !interactive {
-            break;
-        }
     }
     Ok(())
+}
+
+/// Whether `e` refuses the question itself (before any work), leaving the conversation usable.
+fn refused_question(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<vl_runtime::Error>(),
+        Some(vl_runtime::Error::Request(_) | vl_runtime::Error::ContextOverflow { .. })
+    )
 }
 
 fn ask(

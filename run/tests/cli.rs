@@ -223,3 +223,40 @@ fn demo_on_a_real_video_prints_an_answer_and_stats() {
     let err = stderr(&out);
     assert!(err.contains("[stats]") && err.contains("vision") && err.contains("ms/token"), "no stats: {err}");
 }
+
+#[test]
+fn interactive_mode_skips_lines_it_cannot_ask_and_answers_the_rest() {
+    use std::io::Write;
+    let px = fixture_dir("tiny").join("pixel_values_videos.npy");
+    let mut child = vl_run_command()
+        .arg("--engine")
+        .arg(engine())
+        .args(["--pixel-values", px.to_str().unwrap(), "--json", "--max-new-tokens", "3", "--ignore-eos"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // Invalid UTF-8 (a lone continuation byte, an overlong NUL), a question with the video
+    // placeholder in it, control characters, a good question, then the empty line that quits.
+    stdin
+        .write_all(b"what \x80 is this\n\xc0\x80\nwhat is <video>?\n\x1b[2J\x07\r\nWhat is this?\n\nnot asked\n")
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("line 1 of the input is not valid UTF-8") && err.contains("line 2 "), "{err}");
+    assert!(err.contains("<video>") && err.contains("ask another question"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("token_ids").is_some())
+        .collect();
+    // The control-character line and the good question are answered; nothing after the empty line.
+    assert_eq!(answers.len(), 2, "{stdout}");
+    assert!(answers.iter().all(|a| a["token_ids"].as_array().unwrap().len() == 3), "{stdout}");
+}

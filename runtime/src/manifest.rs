@@ -426,6 +426,16 @@ fn flow_depth(text: &str) -> usize {
     max
 }
 
+/// Upper bounds of [`Manifest::check_values`]: far above any model vl-export handles, far
+/// below what would exhaust memory when the runtime sizes its tables from them.
+const MAX_FRAMES: usize = 1024;
+const MAX_SEQUENCE: usize = 1 << 22;
+const MAX_WIDTH: usize = 1 << 16;
+const MAX_LAYERS: usize = 1024;
+const MAX_HEADS: usize = 1024;
+const MAX_VOCAB: usize = 1 << 22;
+const MAX_IMAGE_SIDE: usize = 1 << 14;
+
 impl Manifest {
     /// Reads and validates `manifest.yaml` in `engine_dir`.
     pub fn load(engine_dir: &Path) -> Result<Self> {
@@ -459,7 +469,66 @@ impl Manifest {
                 ),
             });
         }
-        serde_norway::from_str(&text).map_err(|e| Error::Manifest { path: path.clone(), message: e.to_string() })
+        let manifest: Manifest = serde_norway::from_str(&text)
+            .map_err(|e| Error::Manifest { path: path.clone(), message: e.to_string() })?;
+        manifest.check_values().map_err(bad)?;
+        Ok(manifest)
+    }
+
+    /// Refuses values no exported model has (zero widths, a trillion layers), naming the field,
+    /// before anything is allocated from them (the attention mask, KV buffers, name tables).
+    fn check_values(&self) -> std::result::Result<(), String> {
+        let m = &self.model;
+        let fields = [
+            ("model.num_frames", m.num_frames, MAX_FRAMES),
+            ("model.tokens_per_frame", m.tokens_per_frame, MAX_SEQUENCE),
+            ("model.tokens_per_image", m.tokens_per_image, MAX_SEQUENCE),
+            ("model.text_hidden", m.text_hidden, MAX_WIDTH),
+            ("model.num_layers", m.num_layers, MAX_LAYERS),
+            ("model.num_heads", m.num_heads, MAX_HEADS),
+            ("model.num_kv_heads", m.num_kv_heads, MAX_HEADS),
+            ("model.head_dim", m.head_dim, MAX_WIDTH),
+            ("model.vocab_size", m.vocab_size, MAX_VOCAB),
+            ("model.image_size", m.image_size, MAX_IMAGE_SIDE),
+            ("model.patch_size", m.patch_size, MAX_IMAGE_SIDE),
+            ("model.vision_hidden", m.vision_hidden, MAX_WIDTH),
+            ("model.vision_intermediate", m.vision_intermediate, 4 * MAX_WIDTH),
+            ("model.vision_layers", m.vision_layers, MAX_LAYERS),
+            ("model.vision_layers_run", m.vision_layers_run, MAX_LAYERS),
+            ("model.vision_feature_layers", m.vision_feature_layers, MAX_LAYERS),
+            ("model.text_intermediate", m.text_intermediate, 4 * MAX_WIDTH),
+            ("max_sequence_length", self.max_sequence_length, MAX_SEQUENCE),
+        ];
+        for (field, value, max) in fields {
+            if value == 0 || value > max {
+                return Err(format!("{field} is {value}; a model vl-export writes has 1 to {max}"));
+            }
+        }
+        if !m.num_heads.is_multiple_of(m.num_kv_heads) {
+            return Err(format!(
+                "model.num_kv_heads ({}) does not divide model.num_heads ({})",
+                m.num_kv_heads, m.num_heads
+            ));
+        }
+        if m.patch_size > m.image_size {
+            return Err(format!("model.patch_size ({}) exceeds model.image_size ({})", m.patch_size, m.image_size));
+        }
+        if m.vision_layers_run > m.vision_layers {
+            return Err(format!(
+                "model.vision_layers_run ({}) exceeds model.vision_layers ({})",
+                m.vision_layers_run, m.vision_layers
+            ));
+        }
+        let t = &self.tokens;
+        // `pad` is left out: the runtime never feeds it, and some checkpoints name one past the end.
+        for (field, id) in
+            [("tokens.bos", t.bos), ("tokens.eos", t.eos), ("tokens.image", t.image), ("tokens.video", t.video)]
+        {
+            if id as usize >= m.vocab_size {
+                return Err(format!("{field} is {id}, outside the vocabulary of model.vocab_size = {}", m.vocab_size));
+            }
+        }
+        Ok(())
     }
 
     /// Writes it as `manifest.yaml` into `dir`.
@@ -538,6 +607,30 @@ mod tests {
         }
         assert!(load(b"schema_version: 4294967296\n").is_err());
         assert!(load(b"\xff\xfe not UTF-8").is_err());
+    }
+
+    #[test]
+    fn absurd_values_are_refused_naming_the_field() {
+        for (field, value) in [
+            ("num_layers", "1000000000000"),
+            ("max_sequence_length", "0"),
+            ("max_sequence_length", "1000000000000"),
+            ("head_dim", "0"),
+            ("num_kv_heads", "0"),
+            ("num_kv_heads", "3"),
+            ("vocab_size", "100"),
+            ("num_frames", "0"),
+            ("patch_size", "1000"),
+            ("vision_layers_run", "7"),
+        ] {
+            let line = format!("\n  {field}: ");
+            let line = if FIXTURE.contains(&line) { line } else { format!("\n{field}: ") };
+            assert!(FIXTURE.contains(&line), "the fixture has no {field}");
+            let text = FIXTURE.replacen(&line, &format!("{line}{value} #"), 1);
+            let err = load(text.as_bytes()).unwrap_err();
+            assert!(matches!(err, Error::Manifest { .. }), "{field}: {value}: {err:?}");
+            assert!(err.to_string().contains(field), "{field}: {value}: {err}");
+        }
     }
 
     proptest! {

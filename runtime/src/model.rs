@@ -15,7 +15,7 @@ use crate::generate::{LanguageModel, features_2d, ms};
 use crate::graph::Graph;
 use crate::graph::SessionOptions;
 use crate::kv_cache;
-use crate::manifest::{FrameSamplingRule, KvLayout, MANIFEST_FILE, Manifest};
+use crate::manifest::{FrameSamplingRule, KvLayout, MANIFEST_FILE, Manifest, PlaceholderStyle};
 use crate::ort_env::Device;
 use crate::preprocess::load_pixel_values_npy;
 use crate::prompt::VisualSlot;
@@ -131,6 +131,27 @@ pub struct Model {
     cache: FeatureCache,
 }
 
+/// With one placeholder per visual token, each placeholder must be a single token of the
+/// manifest's id: otherwise prompts would carry no (or misplaced) visual positions.
+fn check_placeholders(tokenizer: &Tokenizer, manifest: &Manifest, tok_path: &Path) -> Result<()> {
+    let t = &manifest.chat_template;
+    if t.placeholders != PlaceholderStyle::RepeatPerToken {
+        return Ok(());
+    }
+    let (video, image) = (manifest.tokens.video, manifest.tokens.image);
+    for (placeholder, id, field) in [(&t.video_placeholder, video, "video"), (&t.image_placeholder, image, "image")] {
+        let found = tokenizer.token_to_id(placeholder);
+        if found != Some(id) {
+            let found = found.map_or_else(|| "is not one of its tokens".to_string(), |f| format!("is token {f}"));
+            return Err(Error::Tokenizer(format!(
+                "{}: the {field} placeholder {placeholder} {found}, but manifest.yaml's tokens.{field} is {id}",
+                tok_path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Model {
     /// Loads the engine in `dir`: manifest, file checks, tokenizer, sessions (checked against
     /// the manifest). The image graph is loaded on first use.
@@ -142,6 +163,7 @@ impl Model {
         let tok_path = dir.join(&manifest.tokenizer);
         let tokenizer =
             Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        check_placeholders(&tokenizer, &manifest, &tok_path)?;
         let g = &manifest.graphs;
         let vision = Graph::load(&dir, "vision", &g.vision, &options.session)?;
         let embed = Graph::load(&dir, "embed", &g.embed, &options.session)?;

@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use tempfile::NamedTempFile;
@@ -265,18 +264,45 @@ fn completion_id() -> String {
 }
 
 /// The handler of `POST /v1/chat/completions`.
-pub async fn completions(State(app): State<Arc<App>>, body: Result<Bytes, BytesRejection>) -> Response {
+pub async fn completions(State(app): State<Arc<App>>, request: axum::extract::Request) -> Response {
     let arrived = Instant::now();
-    let response = match answer(app.clone(), arrived, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
+    let response = match read_body(&app, request).await {
+        Ok(body) => answer(app.clone(), arrived, body).await,
+        Err(e) => Err(e),
     };
+    let response = response.unwrap_or_else(IntoResponse::into_response);
     app.metrics.request(response.status().as_u16());
     response
 }
 
-async fn answer(app: Arc<App>, arrived: Instant, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let body = body?;
+/// The JSON body of `request`: refused with 415 unless it says it is JSON, with 413 past
+/// `--max-body`, and with 408 when it takes longer than `--read-timeout` to arrive.
+async fn read_body(app: &App, request: axum::extract::Request) -> Result<Bytes, ApiError> {
+    let content_type = request.headers().get(axum::http::header::CONTENT_TYPE);
+    let essence = content_type
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    if essence.as_deref() != Some("application/json") {
+        let got = content_type.map_or("none".to_string(), |v| format!("{:?}", String::from_utf8_lossy(v.as_bytes())));
+        return Err(ApiError {
+            status: axum::http::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ..ApiError::invalid(format!("the request body must be JSON with Content-Type application/json; got {got}"))
+        });
+    }
+    let read = <Bytes as axum::extract::FromRequest<()>>::from_request(request, &());
+    match tokio::time::timeout(app.read_timeout, read).await {
+        Ok(body) => body.map_err(ApiError::from),
+        Err(_) => Err(ApiError {
+            status: axum::http::StatusCode::REQUEST_TIMEOUT,
+            ..ApiError::invalid(format!(
+                "the request body did not arrive within the server's --read-timeout of {} s",
+                app.read_timeout.as_secs()
+            ))
+        }),
+    }
+}
+
+async fn answer(app: Arc<App>, arrived: Instant, body: Bytes) -> Result<Response, ApiError> {
     let a = app.clone();
     let submitted = tokio::task::spawn_blocking(move || submit(&a, &body))
         .await

@@ -59,6 +59,10 @@ pub struct Args {
     /// Largest request body in bytes (base64 media included); larger ones get 413.
     #[arg(long, env = "VL_SERVE_MAX_BODY", default_value_t = 64 << 20)]
     pub max_body: usize,
+    /// Seconds a client has to send the whole body of a request once its headers are in; a
+    /// slower one gets 408 and its connection is closed, so stalled clients hold no connection.
+    #[arg(long, env = "VL_SERVE_READ_TIMEOUT", default_value_t = 30)]
+    pub read_timeout: u64,
     /// Sequences decoded at once.
     #[arg(long, env = "VL_SERVE_MAX_ACTIVE", default_value_t = 8)]
     pub max_active: usize,
@@ -122,6 +126,8 @@ pub struct App {
     pub metrics: metrics::Metrics,
     /// Set once shutdown began: `/ready` answers 503 so load balancers stop sending.
     pub draining: AtomicBool,
+    /// How long a request's body may take to arrive (`--read-timeout`).
+    pub read_timeout: Duration,
 }
 
 impl App {
@@ -163,6 +169,7 @@ impl App {
             created: chat::now(),
             metrics: metrics::Metrics::new(),
             draining: AtomicBool::new(false),
+            read_timeout: Duration::from_secs(args.read_timeout),
         })
     }
 }
@@ -254,6 +261,9 @@ impl Server {
     pub async fn bind(args: &Args) -> Result<Self, ServeError> {
         if args.max_active == 0 {
             return Err(ServeError::Config("--max-active must be at least 1".into()));
+        }
+        if args.read_timeout == 0 {
+            return Err(ServeError::Config("--read-timeout must be at least 1 second".into()));
         }
         let a = args.clone();
         let app = tokio::task::spawn_blocking(move || App::load(&a))

@@ -95,9 +95,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     let parent = parent_dir(&opts.out);
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     staging::clean_stale(&parent, staging::PREFIX)?;
-    let tmp =
-        tempfile::Builder::new().prefix(staging::PREFIX).tempdir_in(&parent).map_err(|e| Error::io(&parent, e))?;
-    let claim = staging::claim(tmp.path(), &opts.out)?;
+    let tmp = staging::Staging::create(&parent, &opts.out)?;
 
     let bar = progress_bar(opts.progress);
     let mut timings = Vec::new();
@@ -124,7 +122,6 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     manifest.assumptions.extend(tokenizer_note);
     manifest.save(tmp.path())?;
     move_into_place(tmp, &opts.out)?;
-    drop(claim);
     Ok(BuildReport { manifest, graphs: timings, elapsed: started.elapsed(), notice: ck.notice.clone() })
 }
 
@@ -156,9 +153,9 @@ fn check_destination(out: &Path) -> Result<()> {
 
 /// Renames the staged engine to `out`, replacing an engine there. On failure the old engine is
 /// back at `out` and the staging directory is removed (when `tmp` drops).
-fn move_into_place(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
+fn move_into_place(tmp: staging::Staging, out: &Path) -> Result<()> {
     // The old engine is parked under the staging directory's name plus `.old`: unique, since
-    // tempfile reserved that name for this export alone.
+    // the staging name is this process's alone.
     let old = out.exists().then(|| staging::parked(tmp.path()));
     if let Some(old) = &old {
         std::fs::rename(out, old).map_err(|e| Error::io(out, e))?;
@@ -169,10 +166,11 @@ fn move_into_place(tmp: tempfile::TempDir, out: &Path) -> Result<()> {
         }
         return Err(Error::io(out, e));
     }
-    let _ = tmp.keep();
+    let claim = tmp.keep();
     if let Some(old) = &old {
         std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
     }
+    drop(claim);
     Ok(())
 }
 

@@ -53,6 +53,51 @@ pub fn claim(staging: &Path, out: &Path) -> Result<Claim> {
     Ok(Claim { owner })
 }
 
+/// An export's staging directory: its owner file is written before the directory exists, so
+/// no moment leaves a directory that a later export cannot attribute. Dropped without
+/// [`Staging::keep`], it removes the directory and the owner file.
+#[derive(Debug)]
+pub struct Staging {
+    path: PathBuf,
+    claim: Option<Claim>,
+    kept: bool,
+}
+
+impl Staging {
+    /// Creates a fresh staging directory in `parent` for an export to `out`.
+    pub fn create(parent: &Path, out: &Path) -> Result<Self> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = parent.join(format!("{PREFIX}{}-{n}-{nanos}", std::process::id()));
+        let claim = claim(&path, out)?;
+        std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
+        Ok(Self { path, claim: Some(claim), kept: false })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The directory became the engine (renamed into place): nothing to remove. The returned
+    /// claim keeps the owner file until dropped (after the parked engine is removed), so that a
+    /// kill in between still leaves the parked engine attributable.
+    pub fn keep(mut self) -> Option<Claim> {
+        self.kept = true;
+        self.claim.take()
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+        drop(self.claim.take());
+    }
+}
+
 fn alive(pid: u32) -> bool {
     pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists()
 }
@@ -85,7 +130,10 @@ pub fn clean_stale(parent: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
         if let Some(stem) = name.strip_suffix(".owner") {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             let (pid, out) = text.split_once('\n').unwrap_or((&text, ""));
-            let dead = match pid.trim().parse::<u32>() {
+            // The name holds the pid too (`PREFIX{pid}-...`): an owner file cut short by a
+            // kill while it was written is still attributed.
+            let named = stem.strip_prefix(prefix).and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok());
+            let dead = match named.ok_or(()).or_else(|()| pid.trim().parse::<u32>().map_err(|_| ())) {
                 Ok(pid) => !alive(pid),
                 Err(_) => older_than(&path, GRACE),
             };

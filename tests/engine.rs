@@ -16,8 +16,8 @@ use ndarray::Array5;
 use ndarray_npy::read_npy;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use vl_e2e::{built, built_for, fixture_dir, max_abs_diff};
-use vl_runtime::engine::{Done, Engine, EngineOptions, EngineStats, Event, FollowUp, Handle, Pace, Request, WhenFull};
+use vl_e2e::{built, built_for, fixture_dir, max_abs_diff, settled};
+use vl_runtime::engine::{Done, Engine, EngineOptions, Event, FollowUp, Handle, Pace, Request, WhenFull};
 use vl_runtime::manifest::{KvLayout, Target};
 use vl_runtime::model::{DecoderChoice, Media, Model, ModelOptions};
 use vl_runtime::{Error, FinishReason, GenerateOptions};
@@ -288,19 +288,6 @@ fn an_evicted_conversation_answers_its_follow_up_the_same() {
     assert!(engine.stats().evictions >= 1, "nothing was evicted: {:?}", engine.stats());
     let again = collect(engine.follow_up(follow(&first.done)).unwrap());
     assert_same("follow-up after eviction", &again, &expected);
-}
-
-/// The engine's stats once the scheduler has published the end of every request (stats are
-/// published at the start of each step).
-fn settled(engine: &Engine) -> EngineStats {
-    let t0 = std::time::Instant::now();
-    loop {
-        let s = engine.stats();
-        if (s.active == 0 && s.waiting == 0) || t0.elapsed().as_secs() > 30 {
-            return s;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
 }
 
 /// A kept conversation whose first answer ended at its first token (sampled from the prompt's

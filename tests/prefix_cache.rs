@@ -9,8 +9,8 @@ use std::sync::{Arc, OnceLock};
 
 use ndarray::Array5;
 use ndarray_npy::read_npy;
-use vl_e2e::{built, built_for, fixture_dir, max_abs_diff};
-use vl_runtime::engine::{Engine, EngineOptions, EngineStats, Event, Handle, Request};
+use vl_e2e::{built, built_for, fixture_dir, max_abs_diff, settled};
+use vl_runtime::engine::{Engine, EngineOptions, Event, Handle, Request};
 use vl_runtime::manifest::Target;
 use vl_runtime::model::{DecoderChoice, Media, Model, ModelOptions};
 use vl_runtime::prompt::Exchange;
@@ -74,18 +74,6 @@ fn assert_same(label: &str, got: &Outcome, want: &Outcome) {
     for (step, (g, w)) in got.logits.iter().zip(&want.logits).enumerate() {
         let d = max_abs_diff(g, w);
         assert!(d <= TOLERANCE, "{label}: step {step} logits differ by {d} from the uncached request");
-    }
-}
-
-/// Waits until the scheduler has put finished conversations back (its next step).
-fn settled(engine: &Engine) -> EngineStats {
-    let t0 = std::time::Instant::now();
-    loop {
-        let s = engine.stats();
-        if (s.active == 0 && s.waiting == 0) || t0.elapsed().as_secs() > 30 {
-            return s;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::Array5;
 use ndarray_npy::read_npy;
-use vl_e2e::{built_for, fixture_dir};
+use vl_e2e::{built_for, fixture_dir, settled};
 use vl_runtime::GenerateOptions;
 use vl_runtime::engine::{Engine, EngineOptions, Event, Request};
 use vl_runtime::manifest::Target;
@@ -66,18 +66,6 @@ fn run(engine: &Engine, kind: usize, cancel: bool) -> Option<Vec<u32>> {
     }
 }
 
-fn settle(engine: &Engine) {
-    let started = Instant::now();
-    loop {
-        let s = engine.stats();
-        if s.active == 0 && s.waiting == 0 && s.kv_bytes_active == 0 {
-            return;
-        }
-        assert!(started.elapsed() < ANSWER_DEADLINE, "the engine did not go idle: {s:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn load(engine: &Arc<Engine>, requests: usize, reference: &Arc<Vec<Vec<u32>>>) -> (usize, usize) {
     let next = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..THREADS)
@@ -115,10 +103,10 @@ fn sixteen_threads_share_one_engine_and_every_answer_is_its_answer_alone() {
 
     // A warm-up round sets the level memory should come back to.
     load(&engine, THREADS, &reference);
-    settle(&engine);
+    settled(&engine);
     let baseline = rss_anon_mb();
     let (finished, cancelled) = load(&engine, requests, &reference);
-    settle(&engine);
+    settled(&engine);
     let after = rss_anon_mb();
     eprintln!("{finished} finished, {cancelled} cancelled; RssAnon {baseline:?} MB after warm-up, {after:?} MB after");
     assert_eq!(finished + cancelled, requests);

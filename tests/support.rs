@@ -85,3 +85,17 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
+
+/// The engine's stats once its scheduler has published the end of every request (stats are
+/// published at the start of each step, so a read right after `Done` can be one step old).
+/// Gives up after 30 s and returns what it last read, for the caller's assertion to show.
+pub fn settled(engine: &vl_runtime::engine::Engine) -> vl_runtime::engine::EngineStats {
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = engine.stats();
+        if (s.active == 0 && s.waiting == 0) || t0.elapsed().as_secs() > 30 {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

@@ -6,7 +6,7 @@ ORT_VERSION := 1.31.1
 CARGO ?= cargo
 WORK := work
 
-.PHONY: setup oracle-setup build demo test parity goldens config-goldens tokenizer-goldens bench fmt lint clean fuzz stress
+.PHONY: setup setup-gpu oracle-setup build demo test parity goldens config-goldens tokenizer-goldens bench fmt lint clean fuzz stress
 
 # System ffmpeg and Chromium (vl-serve's page test), the ONNX Runtime shared library (PyPI wheel), the openai client and Playwright (vl-serve tests; no browser download) in .venv, and a release build.
 setup:
@@ -17,6 +17,22 @@ setup:
 	@$(VENV)/bin/python -c "import openai" 2>/dev/null || $(VENV)/bin/pip install -q openai
 	@$(VENV)/bin/python -c "import playwright.sync_api" 2>/dev/null || $(VENV)/bin/pip install -q playwright
 	$(CARGO) build --release --workspace
+
+# NVIDIA GPUs: replaces the CPU onnxruntime wheel in .venv by onnxruntime-gpu (CUDA 13; its CUDA and cuDNN libraries
+# as pip packages, which the runtime loads from .venv) and adds NVIDIA's TensorRT for RTX provider. TensorRT 10 itself
+# (for --device tensorrt) comes from NVIDIA, not PyPI. Several GB of downloads; CPU runs keep working with it.
+RTX_EP_VERSION := 0.5.0
+.PHONY: setup-gpu
+setup-gpu: setup
+	@$(VENV)/bin/pip show -q onnxruntime-gpu >/dev/null 2>&1 || ($(VENV)/bin/pip uninstall -q -y onnxruntime && $(VENV)/bin/pip install -q "onnxruntime-gpu[cuda,cudnn]==$(ORT_VERSION)")
+	@$(VENV)/bin/pip show -q onnxruntime-ep-nv-tensorrt-rtx-cu13 >/dev/null 2>&1 || $(VENV)/bin/pip install -q onnxruntime-ep-nv-tensorrt-rtx-cu13==$(RTX_EP_VERSION)
+	./target/release/vl-run --engine engines/small --device auto --prompt hi --max-new-tokens 1 --stats 2>&1 | grep '^\[device\]' || true
+
+# For a GPU machine with no registry (tools/gpu-check.sh): the binaries and the GPU ONNX Runtime libraries in pieces of
+# at most 64 MiB under work/gpu-pack/ (downloads the two wheels here).
+.PHONY: gpu-pack
+gpu-pack: build
+	bash tools/gpu-pack.sh
 
 # The Python reference (torch + transformers, ~3 GB), kept out of `make test`.
 oracle-setup:

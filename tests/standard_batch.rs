@@ -71,7 +71,7 @@ fn rows_of_different_lengths_decode_together_as_they_do_alone() {
     let manifest = Manifest::load(dir).unwrap();
     assert_eq!(manifest.model.kv_layout, KvLayout::Concat);
     let dims = &manifest.model;
-    let graph = Graph::load(dir, "decoder", &manifest.graphs.decoder, &SessionOptions::default()).unwrap();
+    let graph = Graph::load(dir, "decoder", &manifest.graphs.decoder, &SessionOptions::default(), &manifest).unwrap();
     let mut session = graph.lock();
     let mut rng = StdRng::seed_from_u64(7);
     let mut embeds = |n: usize| Array3::from_shape_fn((1, n, dims.text_hidden), |_| rng.random_range(-1.0f32..1.0));

@@ -27,6 +27,8 @@ pub struct ConcurrencyPlan {
     /// A video file for video prompts (`None`: text prompts); decoded and run through the vision
     /// graph once (the feature cache serves the rest), as a service sees repeated videos.
     pub video: Option<PathBuf>,
+    /// Where the graphs run.
+    pub device: vl_runtime::Device,
     /// Intra-op threads.
     pub threads: usize,
     /// Prompt tokens prefilled per step.
@@ -202,10 +204,11 @@ pub(crate) fn level(streams: &[Stream]) -> Level {
 /// Runs the plan; `log` gets one line per level.
 pub fn measure_concurrency(plan: &ConcurrencyPlan, log: &dyn Fn(&str)) -> Result<ConcurrencyReport> {
     let options = ModelOptions {
-        session: SessionOptions { threads: Some(plan.threads), ..SessionOptions::default() },
+        session: SessionOptions { device: plan.device, threads: Some(plan.threads), ..SessionOptions::default() },
         ..ModelOptions::default()
     };
     let model = Arc::new(Model::load(&plan.engine, options)?);
+    log(&format!("graphs on {} ({})", model.device().device, model.device().reason));
     let most = plan.streams.iter().copied().max().unwrap_or(1).max(8);
     let engine_options = EngineOptions {
         max_active: most,

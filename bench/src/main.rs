@@ -213,6 +213,9 @@ enum Cmd {
         /// A video for video prompts; without it, text prompts.
         #[arg(long)]
         video: Option<PathBuf>,
+        /// cpu, cuda[:N], tensorrt[:N], tensorrt-rtx[:N] or auto.
+        #[arg(long, default_value = "cpu")]
+        device: vl_runtime::Device,
         /// Intra-op threads.
         #[arg(long, default_value_t = 2)]
         threads: usize,
@@ -389,9 +392,10 @@ fn run() -> Result<()> {
             std::fs::write(out.join("decode_profile.txt"), &text).context("writing the profile summary")?;
             print!("{text}");
         }
-        Cmd::Concurrency { engine, streams, new_tokens, video, threads, prefill_chunk_tokens, out } => {
+        Cmd::Concurrency { engine, streams, new_tokens, video, device, threads, prefill_chunk_tokens, out } => {
             let timed = Timed::Every;
-            let plan = ConcurrencyPlan { engine, streams, new_tokens, video, threads, prefill_chunk_tokens, timed };
+            let plan =
+                ConcurrencyPlan { engine, streams, new_tokens, video, device, threads, prefill_chunk_tokens, timed };
             let report = measure_concurrency(&plan, &|line| eprintln!("{line}"))?;
             write_json(&out, &report)?;
             println!("wrote {}", out.display());

@@ -323,6 +323,7 @@ pub fn measure_serve(plan: &ServePlan, log: &dyn Fn(&str)) -> Result<ServeReport
         streams: plan.clients.clone(),
         new_tokens: plan.new_tokens,
         video: None,
+        device: vl_runtime::Device::Cpu,
         threads: plan.threads,
         prefill_chunk_tokens: plan.prefill_chunk_tokens,
         timed: Timed::WithText,

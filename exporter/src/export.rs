@@ -299,5 +299,6 @@ fn manifest(ck: &Checkpoint, opts: &BuildOptions, plan: &Plan, graphs: Graphs) -
         generation: media.generation,
         assumptions,
         numerics: plan.notes(),
+        compiled: Vec::new(),
     })
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use serde_json::json;
 use vl_runtime::sampling::SamplingParams;
 use vl_runtime::{
@@ -63,10 +63,11 @@ struct Cli {
     /// Generate past end-of-sequence until --max-new-tokens (for benchmarks).
     #[arg(long)]
     ignore_eos: bool,
-    /// Where to run.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
-    device: DeviceArg,
-    /// GPU ordinal for cuda/tensorrt.
+    /// Where to run: cpu, cuda[:N], tensorrt[:N], tensorrt-rtx[:N] or auto (CUDA when usable, else the CPU;
+    /// --stats says which).
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// GPU ordinal (same as --device cuda:N).
     #[arg(long, default_value_t = 0)]
     device_id: i32,
     /// Intra-op threads (default: one per core).
@@ -81,13 +82,6 @@ struct Cli {
     /// Print timings and peak memory after each answer (stderr).
     #[arg(long)]
     stats: bool,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DeviceArg {
-    Cpu,
-    Cuda,
-    Tensorrt,
 }
 
 fn print_stats(answer: &Answer) {
@@ -108,10 +102,12 @@ fn print_stats(answer: &Answer) {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
-    let device = match cli.device {
-        DeviceArg::Cpu => Device::Cpu,
-        DeviceArg::Cuda => Device::Cuda { device_id: cli.device_id },
-        DeviceArg::Tensorrt => Device::TensorRt { device_id: cli.device_id },
+    let device = match (cli.device, cli.device_id) {
+        (device, 0) => device,
+        (Device::Cuda { .. }, id) => Device::Cuda { device_id: id },
+        (Device::TensorRt { .. }, id) => Device::TensorRt { device_id: id },
+        (Device::TensorRtRtx { .. }, id) => Device::TensorRtRtx { device_id: id },
+        (device, id) => anyhow::bail!("--device-id {id} given for --device {device}, which has no GPU ordinal"),
     };
     let options = PipelineOptions {
         session: SessionOptions { device, threads: cli.threads, ..SessionOptions::default() },
@@ -122,6 +118,10 @@ fn run() -> Result<()> {
     let pipeline = Pipeline::load(&cli.engine, options)
         .with_context(|| format!("loading the engine in {}", cli.engine.display()))?;
     spinner.finish_and_clear();
+    if cli.stats || cli.device == Device::Auto {
+        let chosen = pipeline.device();
+        eprintln!("[device] {} ({})", chosen.device, chosen.reason);
+    }
     let media = match (&cli.video, &cli.image, &cli.pixel_values) {
         (Some(v), _, _) => Media::VideoFile(v.clone()),
         (_, Some(i), _) => Media::ImageFile(i.clone()),

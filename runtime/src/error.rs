@@ -17,6 +17,14 @@ pub enum Error {
     /// The ONNX Runtime shared library could not be found or loaded.
     #[error("ONNX Runtime could not be loaded: {0}")]
     OrtLoad(String),
+    /// An explicitly requested device cannot be used; `reason` names what is missing.
+    #[error("device {device} cannot be used: {reason}")]
+    DeviceUnavailable {
+        /// The device asked for (`cuda`, `tensorrt:1`, ...).
+        device: String,
+        /// What is missing and how to get it.
+        reason: String,
+    },
     /// ONNX Runtime reported an error.
     #[error("ONNX Runtime: {0}")]
     Ort(#[from] ort::Error),

@@ -6,9 +6,10 @@ use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::value::{Outlet, TensorElementType, ValueType};
 
+use crate::device::{self, Device, TensorRtOptions};
 use crate::error::{Error, Result};
-use crate::manifest::{DType, Dim, GraphEntry, TensorSpec};
-use crate::ort_env::{self, Device};
+use crate::manifest::{DType, Dim, GraphEntry, Manifest, TensorSpec};
+use crate::ort_env;
 
 /// ONNX Runtime's session option allowing QDQ fusions with int8 (signed) activations.
 pub const QDQ_INT8_ALLOWED: &str = "session.qdqisint8allowed";
@@ -22,11 +23,13 @@ pub struct SessionOptions {
     pub threads: Option<usize>,
     /// ONNX Runtime's memory arena (faster, holds on to peak memory).
     pub arena: bool,
+    /// TensorRT's profiles, caches and compiled graphs (the TensorRT devices only).
+    pub tensorrt: TensorRtOptions,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        Self { device: Device::Cpu, threads: None, arena: true }
+        Self { device: Device::Cpu, threads: None, arena: true, tensorrt: TensorRtOptions::default() }
     }
 }
 
@@ -83,20 +86,40 @@ fn check_interface(file: &Path, kind: &str, outlets: &[Outlet], specs: &[TensorS
 }
 
 impl Graph {
-    /// Creates the session for `entry` in `dir` and checks its interface against the manifest.
-    pub fn load(dir: &Path, role: &'static str, entry: &GraphEntry, opts: &SessionOptions) -> Result<Self> {
+    /// Creates the session for graph `role` of `manifest` (its `entry`) in `dir` on
+    /// `opts.device` and checks its interface against the manifest. A compiled graph made for
+    /// this GPU and these versions (`vl-export compile`) is loaded instead of the ONNX one.
+    pub fn load(
+        dir: &Path,
+        role: &'static str,
+        entry: &GraphEntry,
+        opts: &SessionOptions,
+        manifest: &Manifest,
+    ) -> Result<Self> {
         let env = ort_env::environment()?;
-        let path = dir.join(&entry.file);
+        let device = match opts.device {
+            Device::Auto => Device::Auto.resolve(&ort_env::library_path()?)?.device,
+            d => d,
+        };
+        let file = match device::compiled_file(dir, role, device, manifest, &opts.tensorrt)? {
+            Some(compiled) => compiled,
+            None => entry.file.clone(),
+        };
+        let path = dir.join(&file);
         let ort_err = |e: ort::Error| Error::Session { path: path.clone(), source: e };
-        let mut builder = Session::builder(env)
+        let builder = Session::builder(env)
             .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::Level3).map_err(ort::Error::from))
             .and_then(|b| b.with_memory_pattern(opts.arena).map_err(ort::Error::from))
             // Lets the CPU provider fuse int8 QDQ pairs (int8 engines) into integer matmuls on
             // x86 too, where ONNX Runtime otherwise fuses only uint8 activations; no effect on
             // graphs without QDQ nodes.
             .and_then(|b| b.with_config_entry(QDQ_INT8_ALLOWED, "1").map_err(ort::Error::from))
-            .and_then(|b| b.with_execution_providers(opts.device.providers()).map_err(ort::Error::from))
             .map_err(ort_err)?;
+        let mut builder =
+            device::configure(builder, device, dir, role, entry, manifest, &opts.tensorrt).map_err(|e| match e {
+                Error::Ort(source) => Error::Session { path: path.clone(), source },
+                other => other,
+            })?;
         if let Some(n) = opts.threads {
             builder = builder.with_intra_threads(n).map_err(|e| ort_err(e.into()))?;
         }

@@ -19,6 +19,7 @@
 //! ```
 #![warn(clippy::unwrap_used)]
 
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod exit;
@@ -37,11 +38,11 @@ pub mod stream;
 pub mod verify;
 pub mod video;
 
+pub use device::Device;
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
 pub use generate::{Answer, FinishReason, Flow, GenerateOptions, Timings, TokenEvent};
 pub use graph::SessionOptions;
 pub use model::DecoderChoice;
-pub use ort_env::Device;
 pub use pipeline::{Conversation, Media, Pipeline, PipelineOptions};
 pub use verify::Verify;

@@ -49,6 +49,10 @@ pub struct Manifest {
     /// How the precision was realized (what stays in fp32, quantization settings), one line each.
     #[serde(default)]
     pub numerics: Vec<String>,
+    /// Graphs compiled ahead of time for a GPU (`vl-export compile`), with what they were
+    /// built for. Optional: absent until a compilation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compiled: Vec<crate::device::Compilation>,
 }
 
 /// Where the weights came from.

@@ -73,7 +73,7 @@ fn pick_decoder(dir: &Path, manifest: &mut Manifest, choice: DecoderChoice, devi
         return Ok(());
     };
     let take = match choice {
-        DecoderChoice::Auto => !matches!(device, Device::TensorRt { .. }),
+        DecoderChoice::Auto => !device.is_tensorrt(),
         DecoderChoice::Standard => false,
         DecoderChoice::InPlace => true,
     };
@@ -123,6 +123,7 @@ pub struct Model {
     manifest: Manifest,
     tokenizer: Tokenizer,
     options: ModelOptions,
+    device: crate::device::Resolved,
     vision: Graph,
     image: OnceLock<Graph>,
     embed: Graph,
@@ -159,15 +160,18 @@ impl Model {
         let dir = dir.as_ref().to_path_buf();
         let mut manifest = Manifest::load(&dir)?;
         verify_engine(&dir, &manifest, options.verify)?;
+        let resolved = options.session.device.resolve(&crate::ort_env::library_path()?)?;
+        let mut options = options;
+        options.session.device = resolved.device;
         pick_decoder(&dir, &mut manifest, options.decoder, &options.session.device)?;
         let tok_path = dir.join(&manifest.tokenizer);
         let tokenizer =
             Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
         check_placeholders(&tokenizer, &manifest, &tok_path)?;
         let g = &manifest.graphs;
-        let vision = Graph::load(&dir, "vision", &g.vision, &options.session)?;
-        let embed = Graph::load(&dir, "embed", &g.embed, &options.session)?;
-        let decoder = Graph::load(&dir, "decoder", &g.decoder, &options.session)?;
+        let vision = Graph::load(&dir, "vision", &g.vision, &options.session, &manifest)?;
+        let embed = Graph::load(&dir, "embed", &g.embed, &options.session, &manifest)?;
+        let decoder = Graph::load(&dir, "decoder", &g.decoder, &options.session, &manifest)?;
         // The KV cache mode (concatenated or shared buffers) comes from the manifest; its
         // interface is checked here, once the graph has been checked against the manifest.
         kv_cache::check_decoder(&dir, &manifest)?;
@@ -177,6 +181,7 @@ impl Model {
             manifest,
             tokenizer,
             options,
+            device: resolved,
             vision,
             image: OnceLock::new(),
             embed,
@@ -190,6 +195,11 @@ impl Model {
     /// `model.kv_layout` describe the decoder that runs (see [`DecoderChoice`]).
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
+    }
+
+    /// The device the graphs run on, and why it was chosen (`auto` resolves here).
+    pub fn device(&self) -> &crate::device::Resolved {
+        &self.device
     }
 
     /// The engine's tokenizer.
@@ -206,7 +216,7 @@ impl Model {
         if let Some(g) = self.image.get() {
             return Ok(g);
         }
-        let g = Graph::load(&self.dir, "image", &self.manifest.graphs.image, &self.options.session)?;
+        let g = Graph::load(&self.dir, "image", &self.manifest.graphs.image, &self.options.session, &self.manifest)?;
         Ok(self.image.get_or_init(|| g))
     }
 

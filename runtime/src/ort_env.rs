@@ -7,44 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ort::environment::Environment;
-use ort::ep::{self, ExecutionProviderDispatch};
 
 use crate::error::{Error, Result};
 
-/// Where ONNX Runtime runs the graphs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Device {
-    /// The CPU provider (always available).
-    #[default]
-    Cpu,
-    /// NVIDIA GPU through the CUDA provider (needs the `onnxruntime-gpu` library).
-    Cuda {
-        /// GPU ordinal.
-        device_id: i32,
-    },
-    /// NVIDIA GPU through TensorRT (needs the GPU library and TensorRT 10).
-    TensorRt {
-        /// GPU ordinal.
-        device_id: i32,
-    },
-}
-
-impl Device {
-    /// Execution providers to register, in priority order. Each is registered with
-    /// `error_on_failure`, so a provider that cannot load is an error, not a silent CPU run.
-    pub fn providers(self) -> Vec<ExecutionProviderDispatch> {
-        match self {
-            Device::Cpu => vec![ep::CPU::default().build().error_on_failure()],
-            Device::Cuda { device_id } => {
-                vec![ep::CUDA::default().with_device_id(device_id).build().error_on_failure()]
-            }
-            Device::TensorRt { device_id } => vec![
-                ep::TensorRT::default().with_device_id(device_id).build().error_on_failure(),
-                ep::CUDA::default().with_device_id(device_id).build().error_on_failure(),
-            ],
-        }
-    }
-}
+pub use crate::device::Device;
 
 static ENVIRONMENT: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
 
@@ -103,10 +69,30 @@ pub fn find_library() -> Result<PathBuf> {
     )))
 }
 
+/// The library [`environment`] loaded (or would load).
+pub fn library_path() -> Result<PathBuf> {
+    static LOADED: OnceLock<PathBuf> = OnceLock::new();
+    if let Some(p) = LOADED.get() {
+        return Ok(p.clone());
+    }
+    let found = find_library()?;
+    Ok(LOADED.get_or_init(|| found).clone())
+}
+
+/// ONNX Runtime's version, from the library's file name (`libonnxruntime.so.1.31.1`), or
+/// `unknown`.
+pub fn version_of(library: &Path) -> String {
+    let name = library.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    match name.split_once(".so.") {
+        Some((_, v)) if !v.is_empty() => v.to_string(),
+        _ => "unknown".into(),
+    }
+}
+
 /// Loads ONNX Runtime once per process and returns its environment.
 pub fn environment() -> Result<&'static Environment> {
     let env = ENVIRONMENT.get_or_init(|| {
-        let path = find_library().map_err(|e| e.to_string())?;
+        let path = library_path().map_err(|e| e.to_string())?;
         let builder = ort::init_from(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         builder.with_name("vl").build().map_err(|e| format!("{}: {e}", path.display()))
     });

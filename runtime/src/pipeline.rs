@@ -52,8 +52,12 @@ impl Pipeline {
     /// Loads the engine in `dir`: manifest, file checks, tokenizer, sessions (checked against
     /// the manifest), and starts the serving engine.
     pub fn load(dir: impl AsRef<Path>, options: PipelineOptions) -> Result<Self> {
+        let mut session = options.session;
+        // TensorRT's profiles cover the decode batches and prefill chunks the engine runs.
+        session.tensorrt.max_batch = options.engine.max_active;
+        session.tensorrt.opt_sequence = options.engine.prefill_chunk_tokens;
         let model = ModelOptions {
-            session: options.session,
+            session,
             verify: options.verify,
             feature_cache_entries: options.feature_cache_entries,
             decoder: options.decoder,
@@ -65,6 +69,11 @@ impl Pipeline {
     /// The engine's manifest.
     pub fn manifest(&self) -> &Manifest {
         self.engine.model().manifest()
+    }
+
+    /// The device the graphs run on, and why (`auto` resolves at load).
+    pub fn device(&self) -> &crate::device::Resolved {
+        self.engine.model().device()
     }
 
     /// The engine's tokenizer.

@@ -89,6 +89,10 @@ pub struct Args {
     /// ONNX Runtime intra-op threads (default: one per core).
     #[arg(long, env = "VL_SERVE_THREADS")]
     pub threads: Option<usize>,
+    /// Where the graphs run: cpu, cuda[:N], tensorrt[:N], tensorrt-rtx[:N] or auto (CUDA when
+    /// usable, else the CPU; the log says which).
+    #[arg(long, env = "VL_SERVE_DEVICE", default_value = "cpu")]
+    pub device: vl_runtime::Device,
 }
 
 /// Why the server could not start or stopped.
@@ -146,7 +150,12 @@ impl App {
             .unwrap_or_else(|| args.engine.display().to_string());
         let mut options = ModelOptions::default();
         options.session.threads = args.threads;
+        options.session.device = args.device;
+        // TensorRT's profiles cover the decode batches and prefill chunks this server runs.
+        options.session.tensorrt.max_batch = args.max_active;
+        options.session.tensorrt.opt_sequence = args.prefill_chunk;
         let model = Arc::new(Model::load(&args.engine, options)?);
+        eprintln!("vl-serve: graphs on {} ({})", model.device().device, model.device().reason);
         // The engine's queue refuses when `waiting >= max_waiting`, so no queue at all is its
         // reject policy.
         let when_full = match args.max_waiting {

@@ -123,6 +123,24 @@ enum Command {
         #[arg(long)]
         no_int8_allowed: bool,
     },
+    /// On a machine with an NVIDIA GPU: build the TensorRT engines of an engine directory's
+    /// graphs now and keep them (EP-context models in `trt/`), recording the GPU and the
+    /// TensorRT and ONNX Runtime versions in the manifest; a load on another GPU or version
+    /// rebuilds (or fails, if the service says so), never uses them.
+    Compile {
+        /// Engine directory.
+        #[arg(long)]
+        engine: PathBuf,
+        /// tensorrt[:N] or tensorrt-rtx[:N].
+        #[arg(long)]
+        device: vl_runtime::Device,
+        /// Decoder rows per call the engines cover (the serving engine's max_active).
+        #[arg(long, default_value_t = 8)]
+        max_batch: usize,
+        /// Prompt chunk length TensorRT tunes for (the serving engine's prefill chunk).
+        #[arg(long, default_value_t = 512)]
+        opt_sequence: usize,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -403,6 +421,22 @@ fn run() -> Result<()> {
             println!("wrote a {:?} checkpoint to {}", preset, out.display());
         }
         Command::Eval(args) => run_eval(args)?,
+        Command::Compile { engine, device, max_batch, opt_sequence } => {
+            let options = vl_runtime::device::TensorRtOptions { max_batch, opt_sequence, ..Default::default() };
+            let t0 = std::time::Instant::now();
+            let c = vl_runtime::device::compile_engine(&engine, device, &options)
+                .with_context(|| format!("compiling {} for {device}", engine.display()))?;
+            println!(
+                "compiled {} graphs for {} on {} (compute capability {}, TensorRT {}, ONNX Runtime {}) in {:.1} s",
+                c.graphs.len(),
+                c.device,
+                c.gpu,
+                c.compute_capability,
+                c.tensorrt_version,
+                c.onnxruntime_version,
+                t0.elapsed().as_secs_f64()
+            );
+        }
         Command::Fusion { engine, no_int8_allowed } => {
             let manifest = vl_runtime::manifest::Manifest::load(&engine)?;
             let scratch = tempfile::tempdir()?;

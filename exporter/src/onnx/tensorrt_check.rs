@@ -7,8 +7,8 @@
 //! data reference names, and nothing else.
 //!
 //! ```no_run
-//! let findings = vl_export::onnx::tensorrt_check::check_file("engines/small/decoder.onnx".as_ref())?;
-//! for f in &findings {
+//! let report = vl_export::onnx::tensorrt_check::check_file("engines/small/decoder.onnx".as_ref())?;
+//! for f in &report.findings {
 //!     eprintln!("{f}");
 //! }
 //! # Ok::<(), vl_export::Error>(())
@@ -94,6 +94,11 @@ pub enum Check {
     QuantizationScale,
     /// Only output 0 is read.
     FirstOutputOnly,
+    /// None of these attributes is set.
+    ForbiddenAttributes {
+        /// Attribute names.
+        names: Vec<String>,
+    },
 }
 
 /// One row of the matrix.
@@ -242,6 +247,11 @@ pub enum Violation {
         /// The matrix's text.
         restriction: String,
     },
+    /// The node sets an attribute the parser does not take.
+    Attribute {
+        /// The attribute.
+        name: String,
+    },
     /// The node holds subgraphs, which this check does not walk.
     Subgraph,
 }
@@ -264,6 +274,7 @@ impl Violation {
             Violation::Unreadable { .. } => "unreadable",
             Violation::ExtraOutputUsed { .. } => "extra-output-used",
             Violation::UncheckedRestriction { .. } => "unchecked-restriction",
+            Violation::Attribute { .. } => "attribute",
             Violation::Subgraph => "subgraph",
         }
     }
@@ -290,6 +301,7 @@ impl fmt::Display for Violation {
             Violation::Unreadable { tensor, reason } => write!(f, "cannot read {tensor}: {reason}"),
             Violation::ExtraOutputUsed { output } => write!(f, "output {output} is read; only the first is supported"),
             Violation::UncheckedRestriction { restriction } => write!(f, "restriction not checked here: {restriction}"),
+            Violation::Attribute { name } => write!(f, "attribute {name} is not supported"),
             Violation::Subgraph => write!(f, "holds subgraphs, which are not checked"),
         }
     }
@@ -401,6 +413,11 @@ pub fn check_model_with(matrix: &Matrix, model: &ModelProto, dir: Option<&Path>)
                 }
                 Check::ZeroPointZero => check_zero_point(&ctx, node, &mut report),
                 Check::QuantizationScale => check_scale(&ctx, node, &mut report),
+                Check::ForbiddenAttributes { names } => {
+                    for a in node.attribute.iter().filter(|a| names.iter().any(|n| n == a.name())) {
+                        report(Violation::Attribute { name: a.name().to_string() });
+                    }
+                }
                 Check::FirstOutputOnly => {
                     for out in node.output.iter().skip(1).filter(|o| !o.is_empty() && ctx.read.contains(o.as_str())) {
                         report(Violation::ExtraOutputUsed { output: out.clone() });
@@ -757,6 +774,33 @@ mod tests {
         ] {
             assert!(!m.ops[op].checks.is_empty(), "{op}");
         }
+    }
+
+    #[test]
+    fn a_constant_with_a_string_value_is_reported() {
+        use crate::onnx::proto::{AttributeProto, GraphProto, OperatorSetIdProto};
+        let node = |attr: &str| NodeProto {
+            output: vec![format!("c_{attr}")],
+            name: Some(format!("const_{attr}")),
+            op_type: Some("Constant".into()),
+            attribute: vec![AttributeProto {
+                name: Some(attr.into()),
+                t: (attr == "value")
+                    .then(|| TensorProto { data_type: Some(DataType::Int64 as i32), ..Default::default() }),
+                s: (attr == "value_string").then(|| b"text".to_vec()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let model = ModelProto {
+            opset_import: vec![OperatorSetIdProto { domain: Some(String::new()), version: Some(17) }],
+            graph: Some(GraphProto { node: vec![node("value"), node("value_string")], ..Default::default() }),
+            ..Default::default()
+        };
+        let report = check_model(&model, None).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.findings.len(), 1, "{:?}", report.findings);
+        assert_eq!(report.findings[0].node, "const_value_string");
+        assert_eq!(report.findings[0].violation, Violation::Attribute { name: "value_string".into() });
     }
 
     #[test]

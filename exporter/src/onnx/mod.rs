@@ -9,6 +9,7 @@ pub mod proto {
 mod builder;
 mod external;
 mod quant_params;
+pub mod tensorrt_check;
 
 pub use builder::{
     Attr, FinishedGraph, GraphBuilder, IoSpec, MS_DOMAIN, Numerics, SmoothSource, Tap, WeightFormat, inline_tensor,

@@ -37,6 +37,10 @@ pub mod stream;
 pub mod verify;
 pub mod video;
 
+#[cfg(test)]
+#[path = "../../tests/proptest_cases.rs"]
+mod proptest_cases;
+
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};
 pub use generate::{Answer, FinishReason, Flow, GenerateOptions, Timings, TokenEvent};

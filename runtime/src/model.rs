@@ -260,9 +260,12 @@ impl Model {
             }
             Media::PixelValuesFile(path) => (PixelTensor::Video(Arc::new(load_pixel_values_npy(path)?)), true),
             Media::VideoPixels(px) => (PixelTensor::Video(px.clone()), true),
-            Media::ImageFile(path) => {
-                (PixelTensor::Image(Arc::new(pre.recipe.image(&load_image_with(path, &self.options.decode)?, &pre.image)?)), false)
-            }
+            Media::ImageFile(path) => (
+                PixelTensor::Image(Arc::new(
+                    pre.recipe.image(&load_image_with(path, &self.options.decode)?, &pre.image)?,
+                )),
+                false,
+            ),
             Media::ImagePixels(px) => (PixelTensor::Image(px.clone()), false),
         };
         let preprocess_ms = ms(t0.elapsed());

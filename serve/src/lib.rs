@@ -25,6 +25,10 @@ pub mod error;
 pub mod media;
 pub mod metrics;
 
+#[cfg(test)]
+#[path = "../../tests/proptest_cases.rs"]
+mod proptest_cases;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;

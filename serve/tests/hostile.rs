@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use serde_json::{Value, json};
+use support::{PATIENCE, metrics, settled, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use support::{PATIENCE, metrics, settled, start};
 
 fn chat(question: &str, max_tokens: usize, stream: bool) -> Value {
     json!({

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::{Value, json};
+use support::{engine_dir, start};
 use vl_runtime::engine::{Event, Request};
 use vl_runtime::prompt::Exchange;
 use vl_runtime::{Flow, GenerateOptions, Media, Pipeline, PipelineOptions};
-use support::{engine_dir, start};
 
 const MAX_TOKENS: usize = 10;
 

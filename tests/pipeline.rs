@@ -1,12 +1,14 @@
 //! The library API of vl-runtime on the tiny fixture engine: concurrent conversations,
 //! follow-ups that reuse the KV cache, the visual feature cache, context checks, engine
-//! integrity, cancellation and leaks, image input and stop strings.
+//! integrity, cancellation and leaks, image input, stop strings and the video decode limit.
 //!
 //! Goldens come from `tools/oracle.py goldens` (see tests/fixtures/tiny/README.md).
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
+use std::time::Duration;
 
 use ndarray::{Array4, Array5};
 use ndarray_npy::read_npy;
@@ -14,6 +16,7 @@ use serde_json::Value;
 use vl_e2e::{built, fixture_dir};
 use vl_runtime::manifest::Manifest;
 use vl_runtime::sampling::SamplingParams;
+use vl_runtime::video::{DecodeOptions, VideoError};
 use vl_runtime::{Answer, Error, FinishReason, Flow, GenerateOptions, Media, Pipeline, PipelineOptions, Verify};
 
 /// The RSS check must not see other tests' allocations: it runs alone (write lock), the
@@ -187,6 +190,31 @@ fn context_overflow_is_an_error_before_any_work() {
     assert_eq!(chat.context_len(), before);
     let second = ask(&mut chat, text(&golden()["second_turn"]["prompt"]), &greedy(32));
     assert_eq!(second.token_ids, ids(&golden()["second_turn"]["greedy_tokens"]));
+}
+
+#[test]
+fn a_decode_timeout_stops_ffmpeg_with_a_typed_error() {
+    let _guard = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("clip.mp4");
+    let status = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=64x48:rate=8", "-frames:v", "16"])
+        .args(["-pix_fmt", "yuv420p"])
+        .arg(&clip)
+        .status()
+        .expect("ffmpeg runs (make setup installs it)");
+    assert!(status.success(), "ffmpeg could not write {}", clip.display());
+    // Within the default limit the clip decodes.
+    let mut chat = pipeline().conversation(Media::VideoFile(clip.clone())).unwrap();
+    ask(&mut chat, "What is this?", &greedy(2));
+    // A limit of 1 ms stops it: starting ffprobe alone takes longer.
+    let decode = DecodeOptions { timeout: Duration::from_millis(1), ..DecodeOptions::default() };
+    let p = Pipeline::load(engine(), PipelineOptions { decode, ..PipelineOptions::default() }).unwrap();
+    let mut chat = p.conversation(Media::VideoFile(clip.clone())).unwrap();
+    let err = chat.ask("What is this?", &greedy(2), &mut |_| Flow::Continue).unwrap_err();
+    assert!(matches!(err, Error::Video(VideoError::Timeout { .. })), "{err:?}");
+    assert!(err.to_string().contains(&*clip.to_string_lossy()), "the error does not name the clip: {err}");
+    assert_eq!(chat.context_len(), 0);
 }
 
 #[test]

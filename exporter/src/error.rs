@@ -14,6 +14,17 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The disk filled up while `what` was written (the export removes what it wrote).
+    #[error("the disk is full: no space left writing {what} ({path})")]
+    DiskFull {
+        /// What was being written: the engine and its destination, or calibration scratch.
+        what: String,
+        /// The file whose write failed.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
     /// `config.json` is missing fields or holds values the exporter cannot honour.
     #[error("{path}: {message}")]
     Config {
@@ -163,6 +174,20 @@ impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }
+
+    /// `self`, or [`Error::DiskFull`] naming `what` when it is a write that found no space left.
+    pub fn on_full_disk(self, what: impl FnOnce() -> String) -> Self {
+        match self {
+            Error::Io { path, source } if is_full(&source) => Error::DiskFull { what: what(), path, source },
+            e => e,
+        }
+    }
+}
+
+/// Whether `e` says the disk (or the user's quota on it) is full.
+fn is_full(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    matches!(e.kind(), StorageFull | QuotaExceeded)
 }
 
 /// Result with the exporter's [`Error`].

@@ -83,7 +83,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     if opts.precision == Precision::Int8 || opts.calib.is_some() {
         let calib =
             opts.calib.clone().unwrap_or_else(|| CalibOptions { progress: opts.progress, ..Default::default() });
-        let calibration = calibrate(&ck, &calib)?;
+        let calibration = calibrate(&ck, &calib).map_err(|e| {
+            e.on_full_disk(|| format!("calibration scratch (TMPDIR {})", std::env::temp_dir().display()))
+        })?;
         if opts.progress {
             let verb = if calibration.reused { "reused" } else { "wrote" };
             eprintln!("{verb} calibration table {}", calibration.path.display());
@@ -95,33 +97,39 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     let parent = parent_dir(&opts.out);
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     staging::clean_stale(&parent, staging::PREFIX)?;
-    let tmp = staging::Staging::create(&parent, &opts.out)?;
+    // Staged, then renamed into place; on an error the staging directory is removed when the
+    // closure (which owns it) drops, and the previous engine stays.
+    let staged = || -> Result<(Manifest, Vec<(String, Duration)>)> {
+        let tmp = staging::Staging::create(&parent, &opts.out)?;
 
-    let bar = progress_bar(opts.progress);
-    let mut timings = Vec::new();
-    let mut entries = Vec::new();
-    for kind in GraphKind::ALL {
-        let t0 = Instant::now();
-        bar.set_message(format!("{}.onnx", kind.name()));
-        entries.push(write_graph(kind, &ck, &plan, tmp.path(), &bar)?);
-        let took = t0.elapsed();
-        if bar.is_hidden() && opts.progress {
-            eprintln!("wrote {}.onnx in {:.1} s", kind.name(), took.as_secs_f64());
+        let bar = progress_bar(opts.progress);
+        let mut timings = Vec::new();
+        let mut entries = Vec::new();
+        for kind in GraphKind::ALL {
+            let t0 = Instant::now();
+            bar.set_message(format!("{}.onnx", kind.name()));
+            entries.push(write_graph(kind, &ck, &plan, tmp.path(), &bar)?);
+            let took = t0.elapsed();
+            if bar.is_hidden() && opts.progress {
+                eprintln!("wrote {}.onnx in {:.1} s", kind.name(), took.as_secs_f64());
+            }
+            timings.push((format!("{}.onnx", kind.name()), took));
         }
-        timings.push((format!("{}.onnx", kind.name()), took));
-    }
-    bar.finish_and_clear();
-    let [vision, image, embed, decoder]: [(GraphEntry, Option<GraphEntry>); 4] =
-        entries.try_into().map_err(|_| Error::Invalid("graph count mismatch".into()))?;
-    let (decoder, decoder_in_place) = decoder;
-    let graphs = Graphs { vision: vision.0, image: image.0, embed: embed.0, decoder, decoder_in_place };
+        bar.finish_and_clear();
+        let [vision, image, embed, decoder]: [(GraphEntry, Option<GraphEntry>); 4] =
+            entries.try_into().map_err(|_| Error::Invalid("graph count mismatch".into()))?;
+        let (decoder, decoder_in_place) = decoder;
+        let graphs = Graphs { vision: vision.0, image: image.0, embed: embed.0, decoder, decoder_in_place };
 
-    let tokenizer_dst = tmp.path().join(TOKENIZER_FILE);
-    let tokenizer_note = tokenizer_src.write_engine_file(&tokenizer_dst)?;
-    let mut manifest = manifest(&ck, opts, &plan, graphs)?;
-    manifest.assumptions.extend(tokenizer_note);
-    manifest.save(tmp.path())?;
-    move_into_place(tmp, &opts.out)?;
+        let tokenizer_dst = tmp.path().join(TOKENIZER_FILE);
+        let tokenizer_note = tokenizer_src.write_engine_file(&tokenizer_dst)?;
+        let mut manifest = manifest(&ck, opts, &plan, graphs)?;
+        manifest.assumptions.extend(tokenizer_note);
+        manifest.save(tmp.path())?;
+        move_into_place(tmp, &opts.out)?;
+        Ok((manifest, timings))
+    };
+    let (manifest, timings) = staged().map_err(|e| e.on_full_disk(|| format!("the engine {}", opts.out.display())))?;
     Ok(BuildReport { manifest, graphs: timings, elapsed: started.elapsed(), notice: ck.notice.clone() })
 }
 

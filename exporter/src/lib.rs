@@ -28,4 +28,8 @@ pub mod staging;
 pub mod synth;
 pub mod weight_codes;
 
+#[cfg(test)]
+#[path = "../../tests/proptest_cases.rs"]
+mod proptest_cases;
+
 pub use error::{Error, Result};

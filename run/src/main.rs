@@ -6,11 +6,13 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use serde_json::json;
 use vl_runtime::sampling::SamplingParams;
+use vl_runtime::video::DecodeOptions;
 use vl_runtime::{
     Answer, Device, Flow, GenerateOptions, Media, Pipeline, PipelineOptions, SessionOptions, TokenEvent, Verify,
 };
@@ -73,6 +75,9 @@ struct Cli {
     /// Intra-op threads (default: one per core).
     #[arg(long, env = "VL_THREADS")]
     threads: Option<usize>,
+    /// Seconds ffmpeg may take to read the video or image before it is stopped.
+    #[arg(long, default_value_t = 60)]
+    decode_timeout: u64,
     /// Rehash every graph file instead of trusting the verification cache.
     #[arg(long)]
     verify_all: bool,
@@ -112,6 +117,7 @@ fn run() -> Result<()> {
     let options = PipelineOptions {
         session: SessionOptions { device, threads: cli.threads, ..SessionOptions::default() },
         verify: if cli.verify_all { Verify::Always } else { Verify::Cached },
+        decode: DecodeOptions { timeout: Duration::from_secs(cli.decode_timeout), ..DecodeOptions::default() },
         ..PipelineOptions::default()
     };
     let spinner = loading_spinner();

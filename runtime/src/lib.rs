@@ -38,6 +38,10 @@ pub mod stream;
 pub mod verify;
 pub mod video;
 
+#[cfg(test)]
+#[path = "../../tests/proptest_cases.rs"]
+mod proptest_cases;
+
 pub use device::Device;
 pub use engine::{Engine, EngineOptions};
 pub use error::{Error, Result};

@@ -638,7 +638,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(500 * std::env::var("VL_PROPTEST_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1)))]
+        #![proptest_config(crate::proptest_cases::config(500))]
 
         #[test]
         fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..256)) {

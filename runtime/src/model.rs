@@ -20,7 +20,7 @@ use crate::ort_env::Device;
 use crate::preprocess::load_pixel_values_npy;
 use crate::prompt::VisualSlot;
 use crate::verify::{Verify, verify_engine};
-use crate::video::{FrameSampling, load_image, load_video};
+use crate::video::{DecodeOptions, FrameSampling, load_image_with, load_video_with};
 
 /// How to load an engine directory.
 #[derive(Debug, Clone)]
@@ -33,6 +33,8 @@ pub struct ModelOptions {
     pub feature_cache_entries: usize,
     /// Which decoder graph to run.
     pub decoder: DecoderChoice,
+    /// How video and image files are decoded: ffmpeg's time limit, the largest frame.
+    pub decode: DecodeOptions,
 }
 
 impl Default for ModelOptions {
@@ -42,6 +44,7 @@ impl Default for ModelOptions {
             verify: Verify::Cached,
             feature_cache_entries: 8,
             decoder: DecoderChoice::Auto,
+            decode: DecodeOptions::default(),
         }
     }
 }
@@ -262,14 +265,17 @@ impl Model {
                 let sampling = match pre.sampling {
                     FrameSamplingRule::LinspaceTruncate => FrameSampling::Uniform,
                 };
-                let video = load_video(path, sampling, pre.frames)?;
+                let video = load_video_with(path, sampling, pre.frames, &self.options.decode)?;
                 (PixelTensor::Video(Arc::new(pre.recipe.video(&video.frames, &pre.image)?)), true)
             }
             Media::PixelValuesFile(path) => (PixelTensor::Video(Arc::new(load_pixel_values_npy(path)?)), true),
             Media::VideoPixels(px) => (PixelTensor::Video(px.clone()), true),
-            Media::ImageFile(path) => {
-                (PixelTensor::Image(Arc::new(pre.recipe.image(&load_image(path)?, &pre.image)?)), false)
-            }
+            Media::ImageFile(path) => (
+                PixelTensor::Image(Arc::new(
+                    pre.recipe.image(&load_image_with(path, &self.options.decode)?, &pre.image)?,
+                )),
+                false,
+            ),
             Media::ImagePixels(px) => (PixelTensor::Image(px.clone()), false),
         };
         let preprocess_ms = ms(t0.elapsed());

@@ -13,6 +13,7 @@ use crate::manifest::Manifest;
 use crate::model::{DecoderChoice, Model, ModelOptions};
 pub use crate::model::{Media, Visual};
 use crate::verify::Verify;
+use crate::video::DecodeOptions;
 
 /// How to load an engine.
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ pub struct PipelineOptions {
     pub feature_cache_entries: usize,
     /// Which decoder graph to run.
     pub decoder: DecoderChoice,
+    /// How video and image files are decoded: ffmpeg's time limit, the largest frame.
+    pub decode: DecodeOptions,
     /// Batching, limits and KV memory of the serving engine.
     pub engine: EngineOptions,
 }
@@ -37,6 +40,7 @@ impl Default for PipelineOptions {
             verify: m.verify,
             feature_cache_entries: m.feature_cache_entries,
             decoder: m.decoder,
+            decode: m.decode,
             engine: EngineOptions::default(),
         }
     }
@@ -61,6 +65,7 @@ impl Pipeline {
             verify: options.verify,
             feature_cache_entries: options.feature_cache_entries,
             decoder: options.decoder,
+            decode: options.decode,
         };
         let model = Arc::new(Model::load(dir, model)?);
         Ok(Self { engine: Engine::start(model, options.engine)? })

@@ -339,7 +339,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(256 * std::env::var("VL_PROPTEST_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1)))]
+            #![proptest_config(crate::proptest_cases::config(256))]
 
             #[test]
             fn questions_never_add_visual_tokens(slot in slot(), question in text()) {

@@ -463,7 +463,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(500 * std::env::var("VL_PROPTEST_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1)))]
+            #![proptest_config(crate::proptest_cases::config(500))]
 
             #[test]
             fn byte_level_chunks_concatenate_to_the_whole_decode(ids in prop::collection::vec(0u32..610, 0..40)) {

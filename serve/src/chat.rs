@@ -611,7 +611,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(1000 * std::env::var("VL_PROPTEST_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1)))]
+            #![proptest_config(crate::proptest_cases::config(1000))]
 
             #[test]
             fn arbitrary_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..128)) {
@@ -635,7 +635,7 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(256 * std::env::var("VL_PROPTEST_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1)))]
+            #![proptest_config(crate::proptest_cases::config(256))]
 
             #[test]
             fn media_urls_resolve_or_are_refused(url in "(data:|file://|)[a-zA-Z/;,=0-9+ ]{0,24}", video in any::<bool>()) {

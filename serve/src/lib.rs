@@ -25,7 +25,11 @@ pub mod error;
 pub mod media;
 pub mod metrics;
 
-use std::future::{Future, IntoFuture};
+#[cfg(test)]
+#[path = "../../tests/proptest_cases.rs"]
+mod proptest_cases;
+
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +40,9 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::response::Json;
 use axum::routing::{get, post};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde_json::{Value, json};
 use vl_runtime::engine::{Engine, EngineOptions, WhenFull};
 use vl_runtime::model::{Model, ModelOptions};
@@ -63,6 +70,19 @@ pub struct Args {
     /// slower one gets 408 and its connection is closed, so stalled clients hold no connection.
     #[arg(long, env = "VL_SERVE_READ_TIMEOUT", default_value_t = 30)]
     pub read_timeout: u64,
+    /// Seconds a client has to send a request's headers (counted from the connection's start
+    /// or the end of its previous request); a slower or idle one is disconnected, so clients
+    /// that dribble headers (slowloris) hold no connection.
+    #[arg(long, env = "VL_SERVE_HEADER_TIMEOUT", default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Connections open at once; further ones wait in the listen backlog until one closes (a
+    /// flood of idle connections cannot exhaust file descriptors).
+    #[arg(long, env = "VL_SERVE_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Seconds ffmpeg may take to read one request's video or image; a slower one is stopped
+    /// and the request gets 400.
+    #[arg(long, env = "VL_SERVE_DECODE_TIMEOUT", default_value_t = 60)]
+    pub decode_timeout: u64,
     /// Sequences decoded at once.
     #[arg(long, env = "VL_SERVE_MAX_ACTIVE", default_value_t = 8)]
     pub max_active: usize,
@@ -154,6 +174,7 @@ impl App {
         // TensorRT's profiles cover the decode batches and prefill chunks this server runs.
         options.session.tensorrt.max_batch = args.max_active;
         options.session.tensorrt.opt_sequence = args.prefill_chunk;
+        options.decode.timeout = Duration::from_secs(args.decode_timeout);
         let model = Arc::new(Model::load(&args.engine, options)?);
         eprintln!("vl-serve: graphs on {} ({})", model.device().device, model.device().reason);
         // The engine's queue refuses when `waiting >= max_waiting`, so no queue at all is its
@@ -263,6 +284,8 @@ pub struct Server {
     addr: SocketAddr,
     app: Arc<App>,
     shutdown_timeout: Duration,
+    header_timeout: Duration,
+    max_connections: usize,
 }
 
 impl Server {
@@ -273,6 +296,15 @@ impl Server {
         }
         if args.read_timeout == 0 {
             return Err(ServeError::Config("--read-timeout must be at least 1 second".into()));
+        }
+        if args.header_timeout == 0 {
+            return Err(ServeError::Config("--header-timeout must be at least 1 second".into()));
+        }
+        if args.decode_timeout == 0 {
+            return Err(ServeError::Config("--decode-timeout must be at least 1 second".into()));
+        }
+        if args.max_connections == 0 {
+            return Err(ServeError::Config("--max-connections must be at least 1".into()));
         }
         let a = args.clone();
         let app = tokio::task::spawn_blocking(move || App::load(&a))
@@ -286,7 +318,15 @@ impl Server {
             .local_addr()
             .map_err(|source| ServeError::Io { what: "reading the bound address".into(), source })?;
         let shutdown_timeout = Duration::from_secs(args.shutdown_timeout);
-        Ok(Self { listener, router: router(app.clone(), args.max_body), addr, app, shutdown_timeout })
+        Ok(Self {
+            listener,
+            router: router(app.clone(), args.max_body),
+            addr,
+            app,
+            shutdown_timeout,
+            header_timeout: Duration::from_secs(args.header_timeout),
+            max_connections: args.max_connections,
+        })
     }
 
     /// The address bound (the real port when `--port 0`).
@@ -306,32 +346,64 @@ impl Server {
 
     /// Serves until `shutdown` completes; then stops accepting, lets the requests in flight
     /// finish for at most `--shutdown-timeout` seconds, and cancels the rest.
+    ///
+    /// HTTP/1 over hyper directly (axum's `serve` has no header timeout): each connection has
+    /// `--header-timeout` to send a request's headers, and at most `--max-connections` are open.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
-        let app = self.app.clone();
-        let signal = async move {
-            shutdown.await;
-            app.draining.store(true, Ordering::Release);
-            let s = app.engine.stats();
-            eprintln!("vl-serve: shutting down; {} active and {} waiting requests", s.active, s.waiting);
-            let _ = began_tx.send(());
-        };
-        let serve = axum::serve(self.listener, self.router).with_graceful_shutdown(signal).into_future();
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new()).header_read_timeout(self.header_timeout);
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.max_connections));
+        let graceful = GracefulShutdown::new();
+        // Dropping the set aborts the connections' tasks, which drops the handles of their
+        // requests and so cancels them.
+        let mut connections = tokio::task::JoinSet::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let accepted = tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                accepted = accept(&self.listener, &permits) => accepted,
+            };
+            let Some((stream, permit)) = accepted else { continue };
+            let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(self.router.clone()));
+            let connection = graceful.watch(connection);
+            connections.spawn(async move {
+                // A connection's errors (a client gone, a header timeout) concern only it.
+                let _ = connection.await;
+                drop(permit);
+            });
+        }
+        drop(self.listener);
+        self.app.draining.store(true, Ordering::Release);
+        let s = self.app.engine.stats();
+        eprintln!("vl-serve: shutting down; {} active and {} waiting requests", s.active, s.waiting);
         let timeout = self.shutdown_timeout;
-        let deadline = async move {
-            if began_rx.await.is_err() {
-                std::future::pending::<()>().await;
+        if tokio::time::timeout(timeout, graceful.shutdown()).await.is_err() {
+            eprintln!("vl-serve: shutdown deadline of {} s passed; cancelling what is left", timeout.as_secs());
+        }
+        drop(connections);
+        Ok(())
+    }
+}
+
+/// The next connection with its permit (waiting for one while `--max-connections` are open);
+/// `None` when accepting failed (logged; after a pause if the process is out of descriptors or
+/// memory, so that the loop does not spin).
+async fn accept(
+    listener: &tokio::net::TcpListener,
+    permits: &Arc<tokio::sync::Semaphore>,
+) -> Option<(tokio::net::TcpStream, tokio::sync::OwnedSemaphorePermit)> {
+    // The semaphore is never closed.
+    let permit = permits.clone().acquire_owned().await.ok()?;
+    match listener.accept().await {
+        Ok((stream, _)) => Some((stream, permit)),
+        Err(e) => {
+            use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+            if !matches!(e.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset) {
+                eprintln!("vl-serve: accepting a connection failed: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
             }
-            tokio::time::sleep(timeout).await;
-        };
-        tokio::select! {
-            r = serve => r.map_err(|source| ServeError::Io { what: "serving".into(), source }),
-            () = deadline => {
-                // Dropping the server drops its connections, and so the handles of their requests,
-                // which cancels them.
-                eprintln!("vl-serve: shutdown deadline of {} s passed; cancelling what is left", timeout.as_secs());
-                Ok(())
-            }
+            None
         }
     }
 }

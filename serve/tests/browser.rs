@@ -5,35 +5,17 @@
 //! failure (`make setup` installs them) unless `VL_SKIP_BROWSER=1`.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use serde_json::Value;
-use vl_runtime::manifest::Target;
-use vl_serve::{Args, Server};
+use support::{model_id, start};
 
 /// Longest the browser script may run (it bounds each of its own waits at 60 s).
 const BROWSER_DEADLINE: Duration = Duration::from_secs(300);
-
-fn engine_dir() -> String {
-    vl_e2e::built_for("tiny", Some(Target::OnnxRuntime)).engine.display().to_string()
-}
-
-fn model_id() -> String {
-    std::fs::canonicalize(engine_dir()).unwrap().file_name().unwrap().to_string_lossy().into_owned()
-}
-
-/// Starts a server in this test's runtime; returns its base URL.
-async fn start() -> String {
-    let engine = tokio::task::spawn_blocking(engine_dir).await.unwrap();
-    let argv = ["vl-serve", "--engine", &engine, "--port", "0", "--threads", "1"];
-    let server = Server::bind(&Args::parse_from(argv)).await.unwrap();
-    let url = format!("http://{}", server.local_addr());
-    tokio::spawn(server.run_until(std::future::pending()));
-    url
-}
 
 /// The python with Playwright: `VL_SERVE_TEST_PYTHON`, else the workspace's `.venv`.
 fn python() -> PathBuf {
@@ -99,7 +81,7 @@ fn run_bounded(mut command: Command, deadline: Duration) -> (std::process::ExitS
 /// OpenAI's 404 error object.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_is_served_beside_the_api() {
-    let url = start().await;
+    let url = start(&[]).await;
     let r = reqwest::get(format!("{url}/")).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8");
@@ -137,7 +119,7 @@ async fn the_page_asks_about_a_video_in_chromium() {
     if !(ffmpeg_clip(&clip, 16) && ffmpeg_clip(&png, 1)) && missing("ffmpeg could not make the test media") {
         return;
     }
-    let url = start().await;
+    let url = start(&[]).await;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser.py");
     let mut command = Command::new(python);
     command.arg(script).arg(&url).arg(&clip).arg(&png).arg(&chromium);

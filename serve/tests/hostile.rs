@@ -1,7 +1,8 @@
 //! Hostile clients over HTTP, against the tiny fixture engine served in-process on 127.0.0.1
 //! port 0: bodies that are not JSON, media URLs at and past `--max-body`, bad base64, paths out of
 //! the media root, schemes it does not serve, a flood of small requests, a client that never
-//! sends its body, and clients that hang up at every stage. Each gets its status and OpenAI's
+//! sends its body, one that dribbles its headers (slowloris), a flood of idle connections past
+//! `--max-connections`, and clients that hang up at every stage. Each gets its status and OpenAI's
 //! error object (or just a closed connection), and after each a good request still gets a 200
 //! while `/metrics` shows no active sequence.
 //!
@@ -9,34 +10,15 @@
 //! wait is bounded (a minute) as a guard against a hang, never as a measurement.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use clap::Parser;
 use serde_json::{Value, json};
+use support::{PATIENCE, metrics, settled, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use vl_runtime::manifest::Target;
-use vl_serve::{Args, Server};
-
-/// The bound on every wait: far past anything a healthy server takes.
-const PATIENCE: Duration = Duration::from_secs(60);
-
-fn engine_dir() -> String {
-    vl_e2e::built_for("tiny", Some(Target::OnnxRuntime)).engine.display().to_string()
-}
-
-/// Starts a server in this test's runtime; returns its base URL.
-async fn start(extra: &[&str]) -> String {
-    let engine = tokio::task::spawn_blocking(engine_dir).await.unwrap();
-    let mut argv = vec!["vl-serve", "--engine", &engine, "--port", "0", "--threads", "1"];
-    argv.extend_from_slice(extra);
-    let server = Server::bind(&Args::parse_from(argv)).await.unwrap();
-    let url = format!("http://{}", server.local_addr());
-    tokio::spawn(server.run_until(std::future::pending()));
-    url
-}
 
 fn chat(question: &str, max_tokens: usize, stream: bool) -> Value {
     json!({
@@ -80,31 +62,6 @@ async fn still_serves(url: &str) {
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["usage"]["completion_tokens"], 3, "{v}");
-}
-
-/// The samples of `/metrics` by name (labels included).
-async fn metrics(url: &str) -> BTreeMap<String, f64> {
-    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter_map(|(name, value)| Some((name.to_string(), value.parse().ok()?)))
-        .collect()
-}
-
-/// Waits until `/metrics` shows no active or waiting sequence and no KV in use.
-async fn settled(url: &str, after: &str) {
-    let started = Instant::now();
-    loop {
-        let m = metrics(url).await;
-        let busy = ["vl_active_sequences", "vl_queue_depth", "vl_kv_in_use_bytes"]
-            .map(|name| *m.get(name).unwrap_or_else(|| panic!("no {name} in /metrics")));
-        if busy == [0.0; 3] {
-            return;
-        }
-        assert!(started.elapsed() < PATIENCE, "still busy after {after}: {busy:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 async fn connect(url: &str) -> TcpStream {
@@ -318,4 +275,61 @@ async fn odd_questions_are_answered_or_refused_by_name() {
         assert_eq!(r.status(), 200, "{question:?}");
     }
     settled(&url, "odd questions").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_dribbled_byte_by_byte_time_out() {
+    const HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+    let url = start(&["--header-timeout", "1"]).await;
+    let (mut reader, mut writer) = connect(&url).await.into_split();
+    let started = Instant::now();
+    // A slowloris: the request line and a header, then a byte of another header every 100 ms.
+    writer.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let dribble = tokio::spawn(async move {
+        for byte in b"X-Slow: ".iter().cycle() {
+            if writer.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, reader.read_to_end(&mut reply)).await;
+    let closed_after = started.elapsed();
+    dribble.abort();
+    assert!(read.is_ok(), "the server kept a dribbling client's connection for {PATIENCE:?}");
+    // Closed (hyper answers 408 first), not at once, and well before three timeouts.
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(closed_after >= HEADER_TIMEOUT / 2, "closed after {closed_after:?}, before --header-timeout");
+    assert!(closed_after < 3 * HEADER_TIMEOUT, "closed only after {closed_after:?}");
+    still_serves(&url).await;
+
+    // A client that connects and sends nothing is closed too.
+    let mut silent = connect(&url).await;
+    let reply = read_to_close(&mut silent).await;
+    assert!(reply.is_empty() || reply.starts_with("HTTP/1.1 408"), "{reply}");
+    still_serves(&url).await;
+    settled(&url, "dribbled headers").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_past_the_limit_wait_and_time_out() {
+    const MAX: usize = 4;
+    let url = start(&["--max-connections", &MAX.to_string(), "--header-timeout", "1"]).await;
+    let addr = url.strip_prefix("http://").unwrap();
+    // A flood of idle connections: the first MAX are accepted, the rest wait in the backlog.
+    let idle: Vec<std::net::TcpStream> = (0..4 * MAX).map(|_| std::net::TcpStream::connect(addr).unwrap()).collect();
+    // Served only once the header timeout has closed idle ones: at most MAX are open at once.
+    still_serves(&url).await;
+    let closed = idle.iter().filter(|s| closed(s)).count();
+    assert!(closed >= MAX, "only {closed} idle connections were closed before a request was served");
+    settled(&url, "idle connections").await;
+}
+
+/// Whether the server closed `s` (its end of file or a reset is there to read).
+fn closed(s: &std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_nonblocking(true).unwrap();
+    !matches!((&*s).read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

@@ -3,40 +3,15 @@
 //! object with the right statuses.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser;
 use serde_json::{Value, json};
-use vl_runtime::manifest::Target;
-use vl_serve::{App, Args, Server};
-
-fn engine_dir() -> String {
-    vl_e2e::built_for("tiny", Some(Target::OnnxRuntime)).engine.display().to_string()
-}
-
-fn model_id() -> String {
-    std::fs::canonicalize(engine_dir()).unwrap().file_name().unwrap().to_string_lossy().into_owned()
-}
-
-/// Starts a server in this test's runtime; returns its base URL.
-async fn start(extra: &[&str]) -> String {
-    start_app(extra).await.0
-}
-
-/// Like [`start`], with the server's shared state (its engine).
-async fn start_app(extra: &[&str]) -> (String, Arc<App>) {
-    let engine = tokio::task::spawn_blocking(engine_dir).await.unwrap();
-    let mut argv = vec!["vl-serve", "--engine", &engine, "--port", "0", "--threads", "1"];
-    argv.extend_from_slice(extra);
-    let server = Server::bind(&Args::parse_from(argv)).await.unwrap();
-    let url = format!("http://{}", server.local_addr());
-    let app = server.app().clone();
-    tokio::spawn(server.run_until(std::future::pending()));
-    (url, app)
-}
+use support::{engine_dir, model_id, start, start_app};
+use vl_serve::App;
 
 fn chat(question: &str, max_tokens: usize, stream: bool) -> Value {
     json!({

@@ -9,13 +9,12 @@
 //! bound on a hang, not as a measurement.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+mod support;
 
-use clap::Parser;
+use std::collections::BTreeMap;
+
 use serde_json::{Value, json};
-use vl_runtime::manifest::Target;
-use vl_serve::{Args, Server};
+use support::{settled, start};
 
 /// Clients sent at once.
 const CLIENTS: usize = 32;
@@ -31,21 +30,6 @@ const QUESTIONS: [&str; 8] = [
     "Is it day or night?",
     "Tell me everything you see.",
 ];
-
-fn engine_dir() -> String {
-    vl_e2e::built_for("tiny", Some(Target::OnnxRuntime)).engine.display().to_string()
-}
-
-/// Starts a server in this test's runtime; returns its base URL.
-async fn start(extra: &[&str]) -> String {
-    let engine = tokio::task::spawn_blocking(engine_dir).await.unwrap();
-    let mut argv = vec!["vl-serve", "--engine", &engine, "--port", "0", "--threads", "1"];
-    argv.extend_from_slice(extra);
-    let server = Server::bind(&Args::parse_from(argv)).await.unwrap();
-    let url = format!("http://{}", server.local_addr());
-    tokio::spawn(server.run_until(std::future::pending()));
-    url
-}
 
 /// Tokens asked of the question `q`: a few lengths, so that answers end at different steps.
 fn max_tokens(q: usize) -> usize {
@@ -88,34 +72,6 @@ async fn alone(url: &str) -> Vec<String> {
     }
     assert!(answers.iter().all(|a| !a.is_empty()), "{answers:?}");
     answers
-}
-
-/// The samples of `/metrics` without labels (and `vl_requests_total` by status), by name.
-async fn metrics(url: &str) -> BTreeMap<String, f64> {
-    let r = reqwest::get(format!("{url}/metrics")).await.unwrap();
-    assert_eq!(r.status(), 200);
-    let text = r.text().await.unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' '))
-        .filter_map(|(name, value)| Some((name.to_string(), value.parse().ok()?)))
-        .collect()
-}
-
-/// Polls `/metrics` until no sequence is active or waiting and no KV is in use by one; returns
-/// the last scrape. Gives up (fails) after a minute.
-async fn settled(url: &str) -> BTreeMap<String, f64> {
-    let started = Instant::now();
-    loop {
-        let m = metrics(url).await;
-        let busy = ["vl_active_sequences", "vl_queue_depth", "vl_kv_in_use_bytes"]
-            .map(|name| *m.get(name).unwrap_or_else(|| panic!("no {name} in /metrics: {m:?}")));
-        if busy == [0.0; 3] {
-            return m;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "still busy after the load: {busy:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// What one client of the load saw.
@@ -192,7 +148,7 @@ async fn thirty_two_streaming_clients_some_hanging_up() {
         }
     }
     assert_eq!(answered, CLIENTS - CLIENTS / 4);
-    let m = settled(&url).await;
+    let m = settled(&url, "the load").await;
     assert_eq!(requests(&m, 200), (QUESTIONS.len() + CLIENTS) as f64, "{m:?}");
     assert_eq!(statuses(&m), ["200"], "{m:?}");
 }
@@ -216,7 +172,7 @@ async fn a_queue_smaller_than_the_load_refuses_only_the_excess() {
                 Outcome::HungUp { .. } => unreachable!("no client hangs up here"),
             }
         }
-        settled(&url).await;
+        settled(&url, "the load").await;
         if refused > 0 {
             break;
         }
@@ -224,7 +180,7 @@ async fn a_queue_smaller_than_the_load_refuses_only_the_excess() {
     assert!(refused > 0, "no client was refused");
     // The first `max_waiting` requests of a run find the queue empty and are never refused.
     assert!(answered >= max_waiting, "{answered} answered");
-    let m = settled(&url).await;
+    let m = settled(&url, "the load").await;
     assert_eq!(requests(&m, 429), refused as f64, "{m:?}");
     assert_eq!(requests(&m, 200), (QUESTIONS.len() + answered) as f64, "{m:?}");
     assert_eq!(statuses(&m), ["200", "429"], "{m:?}");

@@ -7,22 +7,18 @@
 //! a prompt raise the client's `BadRequestError` while unknown fields are tolerated.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use clap::Parser;
 use serde_json::{Value, json};
+use support::{engine_dir, start};
 use vl_runtime::engine::{Event, Request};
-use vl_runtime::manifest::Target;
 use vl_runtime::prompt::Exchange;
 use vl_runtime::{Flow, GenerateOptions, Media, Pipeline, PipelineOptions};
-use vl_serve::{Args, Server};
 
 const MAX_TOKENS: usize = 10;
-
-fn engine_dir() -> PathBuf {
-    vl_e2e::built_for("tiny", Some(Target::OnnxRuntime)).engine.clone()
-}
 
 fn python() -> PathBuf {
     std::env::var_os("VL_SERVE_TEST_PYTHON")
@@ -152,12 +148,7 @@ async fn answers_equal_the_pipelines_for_every_media_and_errors_are_openai_error
     assert!(chars.len() >= 4, "the video's answer is too short to cut: {video_answer:?}");
     let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
 
-    let engine = dir.display().to_string();
-    let argv = ["vl-serve", "--engine", &engine, "--port", "0", "--threads", "1", "--media-root"];
-    let server =
-        Server::bind(&Args::parse_from(argv.iter().copied().chain([root_path.to_str().unwrap()]))).await.unwrap();
-    let url = format!("http://{}", server.local_addr());
-    tokio::spawn(server.run_until(std::future::pending()));
+    let url = start(&["--media-root", root_path.to_str().unwrap()]).await;
 
     let script = SCRIPT.replace("%MAX%", &MAX_TOKENS.to_string());
     let args =

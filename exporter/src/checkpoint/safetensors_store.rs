@@ -345,7 +345,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(1000 * std::env::var("VL_PROPTEST_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1)))]
+        #![proptest_config(crate::proptest_cases::config(1000))]
 
         #[test]
         fn arbitrary_bytes_never_panic(data in prop::collection::vec(any::<u8>(), 0..256)) {

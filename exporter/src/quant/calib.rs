@@ -256,7 +256,8 @@ pub fn materialize(spec: &CalibSpec, dir: &Path) -> Result<(Vec<PathBuf>, Vec<Pa
                     })?;
                     if !done.status.success() {
                         return Err(Error::Invalid(format!(
-                            "ffmpeg could not render calibration media {lavfi:?}: {}",
+                            "{}: ffmpeg could not render calibration media {lavfi:?}: {}",
+                            file.display(),
                             String::from_utf8_lossy(&done.stderr).trim()
                         )));
                     }

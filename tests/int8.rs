@@ -19,6 +19,7 @@ use vl_export::onnx::proto::ModelProto;
 use vl_export::quant::calibrate::{CalibOptions, calibrate};
 use vl_export::quant::fusion::fusion_report;
 use vl_export::quant::stats::Method;
+use vl_export::quant::table::QuantTable;
 use vl_runtime::generate::Splice;
 use vl_runtime::kv_cache::KvCache;
 use vl_runtime::manifest::{Precision, Target};
@@ -176,4 +177,62 @@ fn excluded_linears_stay_in_float() {
     assert_eq!(r.integer_matmuls, 12, "{r:?}");
     let (_, logits) = run_golden(&out);
     assert!(logits.iter().all(|v| v.is_finite()));
+}
+
+/// `a` and `b` within `rel` of each other (relative to the larger magnitude).
+fn close(a: f32, b: f32, rel: f32) -> bool {
+    (a - b).abs() <= rel * a.abs().max(b.abs()) + f32::MIN_POSITIVE
+}
+
+fn assert_same_table(streamed: &QuantTable, whole: &QuantTable, rel: f32) {
+    assert_eq!(streamed.key, whole.key);
+    assert_eq!(streamed.excluded, whole.excluded);
+    assert_eq!(streamed.tensors.len(), whole.tensors.len());
+    for (s, w) in streamed.tensors.iter().zip(&whole.tensors) {
+        let what = format!("{} {} ({:?})", w.graph, w.tensor, w.consumers);
+        assert_eq!((&s.graph, &s.tensor, &s.consumers, s.channels), (&w.graph, &w.tensor, &w.consumers, w.channels));
+        let ranges = [(Some(s.range), Some(w.range)), (s.unsmoothed, w.unsmoothed)];
+        for (a, b) in ranges {
+            assert_eq!(a.is_some(), b.is_some(), "{what}");
+            if let (Some(a), Some(b)) = (a, b) {
+                for (x, y) in [(a.amax, b.amax), (a.threshold, b.threshold), (a.scale, b.scale)] {
+                    assert!(close(x, y, rel), "{what}: {a:?} streamed, {b:?} whole");
+                }
+            }
+        }
+    }
+    assert_eq!(streamed.smoothing.len(), whole.smoothing.len());
+    for (s, w) in streamed.smoothing.iter().zip(&whole.smoothing) {
+        assert_eq!((&s.graph, s.kind, &s.divided, &s.linears), (&w.graph, w.kind, &w.divided, &w.linears));
+        for (x, y) in s.factors.iter().zip(&w.factors) {
+            assert!(close(*x, *y, rel), "{}: factor {x} streamed, {y} whole", s.divided);
+        }
+    }
+}
+
+/// Streamed calibration (the decoder one layer at a time, every activation spilled to disk)
+/// writes the table that running each whole graph writes, for the max and entropy methods,
+/// with both kinds of smoothing, with and without grouped-query attention; and it measures
+/// itself.
+#[test]
+fn streamed_calibration_equals_whole_graph_calibration() {
+    for (case, method) in [("tiny", Method::Entropy), ("tiny-gqa", Method::Max), ("tiny", Method::Max)] {
+        let base = built(case);
+        let ck = Checkpoint::open(&base.checkpoint).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CalibOptions { method: Some(method), ..spec_in(dir.path(), "") };
+        let whole = calibrate(
+            &ck,
+            &CalibOptions { block_layers: Some(usize::MAX), table_dir: Some(dir.path().join("whole")), ..opts.clone() },
+        )
+        .unwrap();
+        let streamed =
+            calibrate(&ck, &CalibOptions { block_layers: Some(1), memory_budget: Some(0), ..opts.clone() }).unwrap();
+        assert!(!whole.reused && !streamed.reused);
+        let report = streamed.report.unwrap();
+        eprintln!("{case} {method:?}: streamed {report}, whole {}", whole.report.unwrap());
+        assert_eq!(report.blocks, 2 + ck.config.text.layers, "two vision graphs and one block per layer");
+        assert!(report.spilled_bytes > 0 && report.peak_scratch_bytes > 0, "{report:?}");
+        assert_same_table(&streamed.table, &whole.table, 1e-5);
+    }
 }

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::graphs::{GraphKind, decoder, vision};
 use crate::onnx::{ExternalData, FinishedGraph, GraphBuilder};
 use crate::precision::Plan;
-use crate::quant::calibrate::{CalibOptions, calibrate};
+use crate::quant::calibrate::{CalibOptions, CalibReport, calibrate};
 use crate::staging;
 
 /// What to export and where.
@@ -70,6 +70,8 @@ pub struct BuildReport {
     pub elapsed: Duration,
     /// One line about the checkpoint's layout for the user (also in the manifest's assumptions).
     pub notice: String,
+    /// What calibrating took (time, peak memory, scratch disk), when this build calibrated.
+    pub calibration: Option<CalibReport>,
 }
 
 /// Exports the checkpoint in `opts.model` to `opts.out`.
@@ -80,12 +82,14 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
         plan = plan.with_target(target)?;
     }
     let ck = Checkpoint::open_with(&opts.model, &opts.towers)?;
+    let mut calib_report = None;
     if opts.precision == Precision::Int8 || opts.calib.is_some() {
         let calib =
             opts.calib.clone().unwrap_or_else(|| CalibOptions { progress: opts.progress, ..Default::default() });
         let calibration = calibrate(&ck, &calib).map_err(|e| {
             e.on_full_disk(|| format!("calibration scratch (TMPDIR {})", std::env::temp_dir().display()))
         })?;
+        calib_report = calibration.report;
         if opts.progress {
             let verb = if calibration.reused { "reused" } else { "wrote" };
             eprintln!("{verb} calibration table {}", calibration.path.display());
@@ -130,7 +134,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
         Ok((manifest, timings))
     };
     let (manifest, timings) = staged().map_err(|e| e.on_full_disk(|| format!("the engine {}", opts.out.display())))?;
-    Ok(BuildReport { manifest, graphs: timings, elapsed: started.elapsed(), notice: ck.notice.clone() })
+    Ok(BuildReport {
+        manifest,
+        graphs: timings,
+        elapsed: started.elapsed(),
+        notice: ck.notice.clone(),
+        calibration: calib_report,
+    })
 }
 
 fn parent_dir(out: &Path) -> PathBuf {
@@ -162,6 +172,7 @@ fn check_destination(out: &Path) -> Result<()> {
 /// Renames the staged engine to `out`, replacing an engine there. On failure the old engine is
 /// back at `out` and the staging directory is removed (when `tmp` drops).
 fn move_into_place(tmp: staging::Staging, out: &Path) -> Result<()> {
+    let _swap = staging::hold_interrupts();
     // The old engine is parked under the staging directory's name plus `.old`: unique, since
     // the staging name is this process's alone.
     let old = out.exists().then(|| staging::parked(tmp.path()));

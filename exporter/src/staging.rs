@@ -6,8 +6,14 @@
 //! runs. A process killed with SIGKILL cannot clean up, so each export first removes what
 //! processes that no longer run left behind, putting back a parked engine whose destination
 //! was left empty.
+//!
+//! Calibration's scratch directories (`vl-calib-XXXX` in the system's temporary directory) are
+//! claimed the same way. An export interrupted by SIGINT or SIGTERM (once
+//! [`remove_on_signals`] is installed, as `vl-export` does) removes its staging and scratch
+//! directories itself and exits with 128 + the signal's number.
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -19,6 +25,75 @@ pub const CALIB_PREFIX: &str = "vl-calib-";
 /// How old a staging directory without an owner file must be to count as abandoned (another
 /// export may have created it an instant ago).
 const GRACE: Duration = Duration::from_secs(60);
+
+/// The staging and scratch directories (and owner files) of this process, which an interrupt
+/// removes.
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn live() -> MutexGuard<'static, Vec<PathBuf>> {
+    LIVE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn register(path: &Path) {
+    live().push(path.to_path_buf());
+}
+
+fn unregister(path: &Path) {
+    let mut l = live();
+    if let Some(i) = l.iter().rposition(|p| p == path) {
+        l.remove(i);
+    }
+}
+
+/// Held by an engine swap, which an interrupt's cleanup waits for.
+static SWAP: Mutex<()> = Mutex::new(());
+
+/// Holds off interrupts' cleanup while the guard lives (an engine swap must not be cut between
+/// its renames: the handler waits, then finds the new engine in place and nothing to remove).
+pub fn hold_interrupts() -> MutexGuard<'static, ()> {
+    SWAP.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Removes every registered directory and owner file (directories first); returns how many
+/// were there.
+fn remove_live(paths: &mut Vec<PathBuf>) -> usize {
+    let n = paths.len();
+    paths.sort_by_key(|p| p.extension().is_some_and(|e| e == "owner"));
+    for p in paths.drain(..) {
+        if p.is_dir() {
+            let _ = std::fs::remove_dir_all(&p);
+        } else {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+    n
+}
+
+/// Installs SIGINT and SIGTERM handling: the process removes its staging and scratch
+/// directories, says so on stderr, and exits with 128 + the signal's number. (A thread of
+/// signal-hook's waits for the signals, so the cleanup runs outside the signal handler, while
+/// ONNX Runtime may be computing on the others; SIGKILL leaves the owner files, and the next
+/// export removes what they name.)
+pub fn remove_on_signals() -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| Error::io(Path::new("signal handler"), e))?;
+    std::thread::Builder::new()
+        .name("vl-export-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                let _swap = hold_interrupts();
+                let mut paths = live();
+                let n = remove_live(&mut paths);
+                let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+                eprintln!("vl-export: interrupted ({name}); removed {n} temporary file(s) and directories");
+                // Not `std::process::exit`: its C++ destructors would race ONNX Runtime's threads.
+                signal_hook::low_level::exit(128 + sig);
+            }
+        })
+        .map_err(|e| Error::io(Path::new("signal handler thread"), e))?;
+    Ok(())
+}
 
 /// `path` with `suffix` appended to its file name.
 fn sibling(path: &Path, suffix: &str) -> PathBuf {
@@ -42,6 +117,7 @@ pub struct Claim {
 impl Drop for Claim {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.owner);
+        unregister(&self.owner);
     }
 }
 
@@ -49,7 +125,11 @@ impl Drop for Claim {
 pub fn claim(staging: &Path, out: &Path) -> Result<Claim> {
     let owner = sibling(staging, ".owner");
     let text = format!("{}\n{}", std::process::id(), out.display());
-    std::fs::write(&owner, text).map_err(|e| Error::io(&owner, e))?;
+    register(&owner);
+    if let Err(e) = std::fs::write(&owner, text) {
+        unregister(&owner);
+        return Err(Error::io(&owner, e));
+    }
     Ok(Claim { owner })
 }
 
@@ -66,12 +146,26 @@ pub struct Staging {
 impl Staging {
     /// Creates a fresh staging directory in `parent` for an export to `out`.
     pub fn create(parent: &Path, out: &Path) -> Result<Self> {
+        Self::create_named(parent, PREFIX, out)
+    }
+
+    /// Creates a fresh scratch directory in `parent` named after `prefix` (calibration's
+    /// [`CALIB_PREFIX`]), removed when dropped, and by [`clean_stale`] once this process is gone.
+    pub fn scratch(parent: &Path, prefix: &str) -> Result<Self> {
+        Self::create_named(parent, prefix, Path::new(""))
+    }
+
+    fn create_named(parent: &Path, prefix: &str, out: &Path) -> Result<Self> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = parent.join(format!("{PREFIX}{}-{n}-{nanos}", std::process::id()));
+        let path = parent.join(format!("{prefix}{}-{n}-{nanos}", std::process::id()));
         let claim = claim(&path, out)?;
-        std::fs::create_dir(&path).map_err(|e| Error::io(&path, e))?;
+        register(&path);
+        if let Err(e) = std::fs::create_dir(&path) {
+            unregister(&path);
+            return Err(Error::io(&path, e));
+        }
         Ok(Self { path, claim: Some(claim), kept: false })
     }
 
@@ -85,6 +179,7 @@ impl Staging {
     /// kill in between still leaves the parked engine attributable.
     pub fn keep(mut self) -> Option<Claim> {
         self.kept = true;
+        unregister(&self.path);
         self.claim.take()
     }
 }
@@ -93,6 +188,7 @@ impl Drop for Staging {
     fn drop(&mut self) {
         if !self.kept {
             let _ = std::fs::remove_dir_all(&self.path);
+            unregister(&self.path);
         }
         drop(self.claim.take());
     }

@@ -180,6 +180,14 @@ struct CalibArgs {
     /// Where calibration tables are saved and looked up (default: tables/ beside the spec).
     #[arg(long)]
     calib_tables: Option<PathBuf>,
+    /// Decoder layers per calibration block (each block's fp32 weights are in memory and on
+    /// the scratch disk at a time).
+    #[arg(long, default_value_t = vl_export::quant::calibrate::DEFAULT_BLOCK_LAYERS)]
+    calib_block_layers: usize,
+    /// MB of calibration activations held in memory between blocks; the rest is spilled to
+    /// the scratch directory.
+    #[arg(long, default_value_t = vl_export::quant::stream::DEFAULT_MEMORY_BUDGET >> 20)]
+    calib_memory_mb: usize,
 }
 
 impl CalibArgs {
@@ -203,6 +211,8 @@ impl CalibArgs {
             table_dir: self.calib_tables,
             progress: true,
             threads: None,
+            block_layers: Some(self.calib_block_layers),
+            memory_budget: Some(self.calib_memory_mb << 20),
         })
     }
 }
@@ -350,8 +360,12 @@ fn run() -> Result<()> {
                 }),
                 ..BuildOptions::new(model, out.clone())
             };
+            vl_export::staging::remove_on_signals()?;
             let report = build(&opts)?;
             println!("note: {}", report.notice);
+            if let Some(c) = &report.calibration {
+                println!("{c}");
+            }
             let rss = vl_runtime::memory::peak_rss_mb().map(|m| format!(", peak RSS {m:.0} MB")).unwrap_or_default();
             println!(
                 "exported {} ({}) to {} in {:.1} s{rss}",

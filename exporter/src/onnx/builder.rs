@@ -90,6 +90,7 @@ pub struct GraphBuilder {
     quant: Option<Arc<QuantParams>>,
     taps: Option<Taps>,
     qdq: HashMap<(String, u32), String>,
+    skeleton: bool,
 }
 
 /// A linear layer's input recorded as an extra graph output, for calibration.
@@ -212,7 +213,16 @@ impl GraphBuilder {
             quant: None,
             taps: None,
             qdq: HashMap::new(),
+            skeleton: false,
         }
+    }
+
+    /// Builds the graph's structure alone from now on: no weight is computed or written (every
+    /// weight counts as already written, and its reference points nowhere). Node and tensor
+    /// names are those of the real graph, so its taps name the real graph's tensors without
+    /// the model's weights being read (streamed calibration runs other graphs, block by block).
+    pub fn set_skeleton(&mut self) {
+        self.skeleton = true;
     }
 
     /// Sets the SmoothQuant factors and activation scales the graph code looks up.
@@ -535,6 +545,9 @@ impl GraphBuilder {
     }
 
     fn weight_raw(&mut self, name: &str, data_type: i32, dims: &[i64], bytes: &[u8]) -> Result<String> {
+        if self.skeleton {
+            return Ok(self.push_external(name, data_type, dims, Extent { offset: 0, length: 0 }));
+        }
         let fresh = !self.data.holds(name);
         let extent = self.data.tensor(name, data_type, dims, bytes)?;
         if let Some(bar) = self.progress.as_ref().filter(|_| fresh) {
@@ -546,7 +559,7 @@ impl GraphBuilder {
     /// Whether an earlier graph sharing this data file wrote weight `name`: [`Self::reuse`] then
     /// references it without computing its bytes again.
     pub fn holds(&self, name: &str) -> bool {
-        self.data.holds(name)
+        self.skeleton || self.data.holds(name)
     }
 
     /// References weight `name`, which an earlier graph sharing this data file wrote with this
@@ -571,6 +584,9 @@ impl GraphBuilder {
     }
 
     fn reuse_raw(&mut self, name: &str, data_type: i32, dims: &[i64]) -> Result<String> {
+        if self.skeleton {
+            return Ok(self.push_external(name, data_type, dims, Extent { offset: 0, length: 0 }));
+        }
         let written = self
             .data
             .written(name, data_type, dims)?

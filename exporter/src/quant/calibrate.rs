@@ -1,23 +1,35 @@
 //! Calibration: the fp32 graphs, built with every linear's input as an extra output, run in
-//! ONNX Runtime over the calibration set.
+//! ONNX Runtime over the calibration set, streamed: one graph at a time, and the decoder one
+//! block of layers at a time (one layer by default). A block's graph and weights are written
+//! to the scratch directory, every sample's hidden states go through it (kept in memory up to
+//! a budget, spilled to the scratch directory past it), and the block is removed before the
+//! next one is built, so memory and scratch disk hold one layer and the calibration set's
+//! activations, whatever the depth of the model (as the sequential pipelines of GPTQ and
+//! llm-compressor do). Each block computes the rotary tables and causal mask from the same
+//! `position_ids` and `attention_mask` the whole decoder takes, so its taps see the values the
+//! whole decoder's would; the table names the whole decoder's tensors (from its structure,
+//! built without weights).
 //!
 //! - Pass 1 takes the per-channel maximum magnitude of every recorded tensor. SmoothQuant
 //!   factors follow from it for the language model's linears that read an RMSNorm's output.
 //! - Pass 2 (percentile and entropy methods) fills a 2048-bin histogram of magnitudes per
-//!   tensor over the range pass 1 found. Smoothing divides a tensor's channels by its factors
+//!   tensor over the range pass 1 found. Both passes run block by block: a block's maxima, and
+//!   so its factors and ranges, are known before pass 2 runs it. Smoothing divides a tensor's channels by its factors
 //!   and changes nothing else in the graph (the linears' outputs are the same), so pass 2 runs
 //!   the same graphs and divides the recorded values itself, which is exact.
 //!
 //! The result is keyed by a hash of the spec, its media and the checkpoint, and saved as JSON
 //! and TensorRT caches; a later build with the same key reuses it.
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use ndarray::{Array2, Array3, Array4, Array5};
-use ort::session::builder::GraphOptimizationLevel;
+use ndarray::{Array2, Array4, Array5};
+use ort::ep;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue, SessionOutputs};
 use ort::value::{Tensor, TensorRef};
 use sha2::{Digest, Sha256};
@@ -29,11 +41,13 @@ use vl_runtime::video::{FrameSampling, load_image, load_video};
 use super::calib::{CalibSpec, MediaSource, check_alpha, materialize};
 use super::smooth;
 use super::stats::{self, Histogram, Method};
+use super::stream;
 use super::table::{self, FORMAT, FoldKind, QuantTable, SmoothEntry, TensorEntry};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TextConfig};
 use crate::contract::MediaContract;
 use crate::error::{Error, Result};
 use crate::graphs::GraphKind;
+use crate::graphs::decoder::{self, Part};
 use crate::onnx::{ExternalData, GraphBuilder, SmoothSource, Tap};
 use crate::staging;
 
@@ -52,6 +66,13 @@ pub struct CalibOptions {
     pub progress: bool,
     /// Intra-op threads of the calibration sessions (default: one per core).
     pub threads: Option<usize>,
+    /// Decoder layers per calibration block (default [`DEFAULT_BLOCK_LAYERS`]); the model's
+    /// layer count or more runs the whole decoder as one graph, the reference the blocks are
+    /// tested against (it holds the whole fp32 decoder in memory).
+    pub block_layers: Option<usize>,
+    /// Bytes of activations held in memory between decoder blocks; past it they are spilled to
+    /// the scratch directory (default [`stream::DEFAULT_MEMORY_BUDGET`]).
+    pub memory_budget: Option<usize>,
 }
 
 /// A calibration's table and where it lies.
@@ -65,6 +86,8 @@ pub struct Calibration {
     pub trt_caches: Vec<PathBuf>,
     /// Whether an existing table was reused (nothing was run).
     pub reused: bool,
+    /// What the calibration run measured (`None` when the table was reused).
+    pub report: Option<CalibReport>,
 }
 
 /// The graphs that hold linear layers, as the table names them.
@@ -100,13 +123,13 @@ pub fn calibrate(ck: &Checkpoint, opts: &CalibOptions) -> Result<Calibration> {
         && table.check().is_ok()
     {
         write_caches(&table, &trt_caches)?;
-        return Ok(Calibration { table, path, trt_caches, reused: true });
+        return Ok(Calibration { table, path, trt_caches, reused: true, report: None });
     }
-    let table = run(ck, &spec, key, opts)?;
+    let (table, report) = run(ck, &spec, key, opts)?;
     table.check()?;
     table.save(&path)?;
     write_caches(&table, &trt_caches)?;
-    Ok(Calibration { table, path, trt_caches, reused: false })
+    Ok(Calibration { table, path, trt_caches, reused: false, report: Some(report) })
 }
 
 fn write_caches(table: &QuantTable, paths: &[PathBuf]) -> Result<()> {
@@ -181,16 +204,14 @@ pub fn key(ck: &Checkpoint, spec: &CalibSpec) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
-/// A calibration graph and its session.
+/// A calibration graph (a whole graph, or a block of one) and its session, in the scratch
+/// directory until [`CalibGraph::close`] removes it.
 struct CalibGraph {
-    kind: GraphKind,
     session: Session,
     taps: Vec<Tap>,
     stats: Vec<TapStats>,
-    /// Pass 1 asks for the per-channel maxima (and the graph's features output) only, pass 2
-    /// for the whole tensors only: ONNX Runtime then keeps nothing else.
-    select_max: RunOptions<HasSelectedOutputs>,
-    select_full: RunOptions<HasSelectedOutputs>,
+    /// Its `.onnx` and `.onnx.data` files.
+    files: [PathBuf; 2],
 }
 
 /// What is known of one recorded tensor.
@@ -216,31 +237,51 @@ impl TapStats {
             None => self.amax(),
         }
     }
+
+    /// Empty histograms over the range pass 1 found (before pass 2).
+    fn start_histograms(&mut self) {
+        self.hist = Some(Histogram::new(self.smoothed_amax()));
+        if self.factors.is_some() {
+            self.raw_hist = Some(Histogram::new(self.amax()));
+        }
+    }
 }
 
 fn ort<T>(r: std::result::Result<T, ort::Error>) -> Result<T> {
     r.map_err(|e| Error::Runtime(e.into()))
 }
 
+fn ort_opt(r: std::result::Result<SessionBuilder, ort::Error<SessionBuilder>>) -> Result<SessionBuilder> {
+    r.map_err(ort::Error::from).map_err(|e| Error::Runtime(e.into()))
+}
+
 impl CalibGraph {
-    /// Builds the fp32 graph of `kind` with taps into `dir` and opens it.
-    fn new(kind: GraphKind, ck: &Checkpoint, dir: &Path, threads: Option<usize>) -> Result<Self> {
-        let file = dir.join(format!("{}.onnx", kind.name()));
-        let data = ExternalData::create(&dir.join(format!("{}.onnx.data", kind.name())))?;
-        let mut b = GraphBuilder::new(kind.name(), data);
+    /// Builds the fp32 graph that `build` describes, with taps, into `dir` as `name.onnx` and
+    /// opens it. The session keeps no memory arena: a block's buffers go with it.
+    fn new(
+        name: &str,
+        dir: &Path,
+        threads: Option<usize>,
+        build: impl FnOnce(&mut GraphBuilder) -> Result<()>,
+    ) -> Result<Self> {
+        let file = dir.join(format!("{name}.onnx"));
+        let data_file = dir.join(format!("{name}.onnx.data"));
+        let data = ExternalData::create(&data_file)?;
+        let mut b = GraphBuilder::new(name, data);
         b.enable_taps();
-        // Calibration runs the standard decoder: its taps see every activation.
-        kind.build(&mut b, ck, KvLayout::Concat)?;
+        build(&mut b)?;
         let done = b.finish(env!("CARGO_PKG_VERSION"))?;
         std::fs::write(&file, &done.model_bytes).map_err(|e| Error::io(&file, e))?;
         let env = vl_runtime::ort_env::environment()?;
         let mut builder = ort(Session::builder(env))?;
-        builder = builder
-            .with_optimization_level(GraphOptimizationLevel::Level3)
-            .map_err(ort::Error::from)
-            .map_err(|e| Error::Runtime(e.into()))?;
+        builder = ort_opt(builder.with_optimization_level(GraphOptimizationLevel::Level3))?;
+        builder = ort_opt(builder.with_memory_pattern(false))?;
+        builder =
+            ort_opt(builder.with_execution_providers([
+                ep::CPU::default().with_arena_allocator(false).build().error_on_failure(),
+            ]))?;
         if let Some(n) = threads {
-            builder = builder.with_intra_threads(n).map_err(ort::Error::from).map_err(|e| Error::Runtime(e.into()))?;
+            builder = ort_opt(builder.with_intra_threads(n))?;
         }
         let session = ort(builder.commit_from_file(&file))?;
         let stats = done
@@ -248,18 +289,39 @@ impl CalibGraph {
             .iter()
             .map(|t| TapStats { amax: vec![0.0; t.channels], factors: None, hist: None, raw_hist: None })
             .collect();
-        let mut max = OutputSelector::no_default();
-        let mut full = OutputSelector::no_default();
-        for t in &done.taps {
-            max = max.with(t.amax_output.as_str());
-            full = full.with(t.output.as_str());
+        Ok(Self { session, taps: done.taps, stats, files: [file, data_file] })
+    }
+
+    /// Pass 1 asks for the per-channel maxima only, pass 2 for the whole tensors only (ONNX
+    /// Runtime then keeps nothing else), each with `output` when given.
+    fn select(&self, pass: Pass, output: Option<&str>) -> Result<RunOptions<HasSelectedOutputs>> {
+        let mut s = OutputSelector::no_default();
+        for t in &self.taps {
+            s = s.with(if pass == Pass::Max { t.amax_output.as_str() } else { t.output.as_str() });
         }
-        for o in done.outputs.iter().filter(|o| o.name.ends_with("_features")) {
-            max = max.with(o.name.as_str());
+        if let Some(o) = output {
+            s = s.with(o);
         }
-        let select_max = ort(RunOptions::new())?.with_outputs(max);
-        let select_full = ort(RunOptions::new())?.with_outputs(full);
-        Ok(Self { kind, session, taps: done.taps, stats, select_max, select_full })
+        Ok(ort(RunOptions::new())?.with_outputs(s))
+    }
+
+    /// Runs `inputs`, folds the taps into this pass's statistics, and returns `output` if asked.
+    fn run(
+        &mut self,
+        inputs: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)>,
+        pass: Pass,
+        output: Option<&str>,
+    ) -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        let select = self.select(pass, output)?;
+        let outputs = ort(self.session.run_with_options(inputs, &select))?;
+        Observer { taps: &self.taps, stats: &mut self.stats }.observe(&outputs, pass)?;
+        match output {
+            Some(o) => {
+                let (shape, values) = ort(outputs[o].try_extract_tensor::<f32>())?;
+                Ok(Some((shape.iter().map(|&d| d as usize).collect(), values.to_vec())))
+            }
+            None => Ok(None),
+        }
     }
 
     fn run_pixels<D: ndarray::Dimension + 'static>(
@@ -270,13 +332,24 @@ impl CalibGraph {
         pass: Pass,
     ) -> Result<Option<Array2<f32>>> {
         let value = ort(TensorRef::from_array_view(px.view()))?;
-        let select = if pass == Pass::Max { &self.select_max } else { &self.select_full };
-        let outputs = ort(self.session.run_with_options(ort::inputs![input => value], select))?;
-        Observer { taps: &self.taps, stats: &mut self.stats }.observe(&outputs, pass)?;
-        match pass {
-            Pass::Max => Ok(Some(features_2d(&ort(outputs[output].try_extract_array::<f32>())?)?)),
-            Pass::Histogram => Ok(None),
+        let want = (pass == Pass::Max).then_some(output);
+        match self.run(vec![(input.into(), value.into())], pass, want)? {
+            Some((shape, values)) => {
+                let a = ndarray::ArrayD::from_shape_vec(shape, values)
+                    .map_err(|e| Error::Invalid(format!("{output}: {e}")))?;
+                Ok(Some(features_2d(&a.view())?))
+            }
+            None => Ok(None),
         }
+    }
+
+    /// Closes the session and removes the graph's files; returns its taps and statistics.
+    fn close(self) -> Result<(Vec<Tap>, Vec<TapStats>)> {
+        drop(self.session);
+        for f in &self.files {
+            std::fs::remove_file(f).map_err(|e| Error::io(f, e))?;
+        }
+        Ok((self.taps, self.stats))
     }
 }
 
@@ -319,7 +392,7 @@ impl Observer<'_> {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Pass {
     Max,
     Histogram,
@@ -334,53 +407,60 @@ struct Sample {
     keep: usize,
 }
 
-/// Everything the language-model samples need.
-struct Lm<'a> {
-    embed: &'a [f32],
-    hidden: usize,
-    layers: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    features: &'a [Array2<f32>],
-}
-
-impl Lm<'_> {
-    fn run(&self, g: &mut CalibGraph, s: &Sample, pass: Pass) -> Result<()> {
-        let n = s.ids.len();
-        let mut embeds = Array3::<f32>::zeros((1, n, self.hidden));
-        for (row, &id) in s.ids.iter().enumerate() {
-            let start = id as usize * self.hidden;
-            let src = self.embed.get(start..start + self.hidden).ok_or_else(|| {
+impl Sample {
+    /// The hidden states entering the first layer, [n, hidden] row-major: the token
+    /// embeddings, with the media's features at its placeholders.
+    fn embeds(&self, embed: &[f32], hidden: usize, features: &[Array2<f32>]) -> Result<Vec<f32>> {
+        let n = self.ids.len();
+        let mut embeds = Array2::<f32>::zeros((n, hidden));
+        for (row, &id) in self.ids.iter().enumerate() {
+            let start = id as usize * hidden;
+            let src = embed.get(start..start + hidden).ok_or_else(|| {
                 Error::Invalid(format!("token id {id} is past the embedding table (calibration prompt)"))
             })?;
-            embeds.slice_mut(ndarray::s![0, row, ..]).assign(&ndarray::ArrayView1::from(src));
+            embeds.row_mut(row).assign(&ndarray::ArrayView1::from(src));
         }
-        if let Some((f, token)) = s.visual {
-            let feats = &self.features[f];
-            let slots = s.ids.iter().enumerate().filter(|(_, t)| **t == token).map(|(i, _)| i);
+        if let Some((f, token)) = self.visual {
+            let feats = &features[f];
+            let slots = self.ids.iter().enumerate().filter(|(_, t)| **t == token).map(|(i, _)| i);
             for (row, pos) in feats.rows().into_iter().zip(slots) {
-                embeds.slice_mut(ndarray::s![0, pos, ..]).assign(&row);
+                embeds.row_mut(pos).assign(&row);
             }
         }
+        Ok(embeds.into_raw_vec_and_offset().0)
+    }
+
+    /// Runs `g` (the decoder `part`) on this sample's hidden states `x`; returns the hidden
+    /// states leaving it when `out` (and the block has no head).
+    fn run(
+        &self,
+        g: &mut CalibGraph,
+        t: &TextConfig,
+        part: &Part,
+        x: &[f32],
+        pass: Pass,
+        out: bool,
+    ) -> Result<Option<Vec<f32>>> {
+        let n = self.ids.len();
         let mask = vec![1i64; n];
         let positions: Vec<i64> = (0..n as i64).collect();
-        let keep = [s.keep as i64];
+        let keep = [self.keep as i64];
         let mut inputs: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)> = vec![
-            ("inputs_embeds".into(), ort(TensorRef::from_array_view(&embeds))?.into()),
+            ("inputs_embeds".into(), ort(TensorRef::from_array_view(([1usize, n, t.hidden], x)))?.into()),
             ("attention_mask".into(), ort(TensorRef::from_array_view(([1usize, n], mask.as_slice())))?.into()),
             ("position_ids".into(), ort(TensorRef::from_array_view(([1usize, n], positions.as_slice())))?.into()),
-            ("logits_to_keep".into(), ort(TensorRef::from_array_view(([1usize], &keep[..])))?.into()),
         ];
-        for layer in 0..self.layers {
-            for part in ["key", "value"] {
-                let empty = ort(Tensor::<f32>::from_array(([1usize, self.kv_heads, 0, self.head_dim], Vec::new())))?;
-                inputs.push((format!("past_key_values.{layer}.{part}").into(), empty.into_dyn().into()));
+        if part.head {
+            inputs.push(("logits_to_keep".into(), ort(TensorRef::from_array_view(([1usize], &keep[..])))?.into()));
+        }
+        for layer in part.layers.clone() {
+            for kv in ["key", "value"] {
+                let empty = ort(Tensor::<f32>::from_array(([1usize, t.kv_heads, 0, t.head_dim], Vec::new())))?;
+                inputs.push((format!("past_key_values.{layer}.{kv}").into(), empty.into_dyn().into()));
             }
         }
-        let select = if pass == Pass::Max { &g.select_max } else { &g.select_full };
-        let outputs = ort(g.session.run_with_options(inputs, select))?;
-        let mut o = Observer { taps: &g.taps, stats: &mut g.stats };
-        o.observe(&outputs, pass)
+        let output = (out && !part.head).then_some("hidden_states");
+        Ok(g.run(inputs, pass, output)?.map(|(_, v)| v))
     }
 }
 
@@ -470,98 +550,268 @@ fn samples(
     Ok(out)
 }
 
-/// Runs the calibration and returns the table.
-fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> Result<QuantTable> {
-    let scratch = std::env::temp_dir();
-    staging::clean_stale(&scratch, staging::CALIB_PREFIX)?;
-    let work = tempfile::Builder::new()
-        .prefix(staging::CALIB_PREFIX)
-        .tempdir_in(&scratch)
-        .map_err(|e| Error::io(&scratch, e))?;
-    let _claim = staging::claim(work.path(), Path::new(""))?;
-    let MediaContract { preprocess: pre, chat_template: template, tokens, .. } =
-        MediaContract::of(ck, &mut Vec::new())?;
-    let px = pixels(spec, &pre, work.path())?;
-    let passes: u64 = if spec.method.needs_histogram() { 2 } else { 1 };
-    let per_pass = (px.videos.len() + px.images.len() + spec.samples + spec.texts.len()) as u64;
-    let bar = progress(opts.progress, passes * per_pass + 3);
-    let mut graphs = Vec::new();
-    for kind in GRAPHS {
-        bar.set_message(format!("building {}.onnx", kind.name()));
-        graphs.push(CalibGraph::new(kind, ck, work.path(), opts.threads)?);
-        bar.inc(1);
+/// Decoder layers per calibration block by default: one layer's weights at a time.
+pub const DEFAULT_BLOCK_LAYERS: usize = 1;
+
+/// What a calibration run measured of itself.
+#[derive(Debug, Clone, Copy)]
+pub struct CalibReport {
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Graphs built and run (whole vision graphs, decoder blocks).
+    pub blocks: usize,
+    /// Peak anonymous resident memory of the process while calibrating, in MB (Linux).
+    pub peak_rss_anon_mb: Option<f64>,
+    /// Peak bytes in the scratch directory (the current block's graph, spilled activations).
+    pub peak_scratch_bytes: u64,
+    /// Bytes of activations spilled to disk.
+    pub spilled_bytes: u64,
+}
+
+impl std::fmt::Display for CalibReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "calibrated in {:.1} s ({} graphs", self.elapsed.as_secs_f64(), self.blocks)?;
+        if let Some(mb) = self.peak_rss_anon_mb {
+            write!(f, ", peak RssAnon {mb:.0} MB")?;
+        }
+        write!(f, ", peak scratch {:.0} MB", self.peak_scratch_bytes as f64 / 1e6)?;
+        if self.spilled_bytes > 0 {
+            write!(f, ", {:.0} MB of activations spilled", self.spilled_bytes as f64 / 1e6)?;
+        }
+        write!(f, ")")
     }
-    let [vision, image, decoder]: &mut [CalibGraph; 3] =
-        (&mut graphs[..]).try_into().map_err(|_| Error::Invalid("graph count".into()))?;
-    let t = &ck.config.text;
-    let embed = ck.weights(&ck.roots.text_body).pp("embed_tokens").f32("weight", &[t.vocab, t.hidden])?;
-    let mut features = Vec::new();
-    let mut media = Vec::new();
-    for pass in [Pass::Max, Pass::Histogram].into_iter().take(passes as usize) {
-        let label = if pass == Pass::Max { "pass 1 (max)" } else { "pass 2 (histograms)" };
-        if bar.is_hidden() && opts.progress {
-            eprintln!(
-                "calibration {label}: {} videos, {} images, {} samples, {} texts ({})",
-                px.videos.len(),
-                px.images.len(),
-                spec.samples,
-                spec.texts.len(),
-                spec.origin
-            );
+}
+
+/// The statistics of the taps of one graph, in the graph's order.
+struct GraphStats {
+    kind: GraphKind,
+    taps: Vec<(Tap, TapStats)>,
+}
+
+/// The running calibration: its scratch directory and what it has measured.
+struct Run<'a> {
+    ck: &'a Checkpoint,
+    spec: &'a CalibSpec,
+    opts: &'a CalibOptions,
+    dir: &'a Path,
+    bar: ProgressBar,
+    passes: Vec<Pass>,
+    blocks: usize,
+    peak_scratch: u64,
+    spilled: u64,
+    block_started: Instant,
+}
+
+impl Run<'_> {
+    fn note_scratch(&mut self) {
+        self.peak_scratch = self.peak_scratch.max(stream::dir_bytes(self.dir));
+    }
+
+    fn label(pass: Pass) -> &'static str {
+        if pass == Pass::Max { "pass 1 (max)" } else { "pass 2 (histograms)" }
+    }
+
+    /// Opens the graph `build` describes, counting it.
+    fn open(&mut self, name: &str, build: impl FnOnce(&mut GraphBuilder) -> Result<()>) -> Result<CalibGraph> {
+        self.bar.set_message(format!("building {name}"));
+        self.block_started = Instant::now();
+        let g = CalibGraph::new(name, self.dir, self.opts.threads, build)?;
+        self.blocks += 1;
+        self.note_scratch();
+        Ok(g)
+    }
+
+    /// Closes `g`, saying how long its block took when progress is shown without a bar.
+    fn close(&mut self, name: &str, g: CalibGraph) -> Result<(Vec<Tap>, Vec<TapStats>)> {
+        let closed = g.close()?;
+        if self.bar.is_hidden() && self.opts.progress {
+            let anon = vl_runtime::memory::rss_anon_mb().map(|m| format!(", RssAnon {m:.0} MB")).unwrap_or_default();
+            eprintln!("calibration: {name} in {:.1} s{anon}", self.block_started.elapsed().as_secs_f64());
         }
-        for (i, v) in px.videos.iter().enumerate() {
-            bar.set_message(format!("{label}: video {}", i + 1));
-            if let Some(f) = vision.run_pixels("pixel_values_videos", "video_features", v, pass)? {
-                media.push((features.len(), true));
-                features.push(f);
+        Ok(closed)
+    }
+
+    /// Runs a vision graph (whole) over `pixels`, both passes; returns its statistics and the
+    /// features of the first `keep` inputs.
+    fn vision<D: ndarray::Dimension + 'static>(
+        &mut self,
+        kind: GraphKind,
+        (input, output): (&str, &str),
+        pixels: &[ndarray::Array<f32, D>],
+        keep: usize,
+    ) -> Result<(GraphStats, Vec<Array2<f32>>)> {
+        let ck = self.ck;
+        let mut g = self.open(kind.name(), |b| kind.build(b, ck, KvLayout::Concat))?;
+        let mut features = Vec::new();
+        for pass in self.passes.clone() {
+            for (i, px) in pixels.iter().enumerate() {
+                self.bar.set_message(format!("{}: {} input {}", Self::label(pass), kind.name(), i + 1));
+                if let Some(f) = g.run_pixels(input, output, px, pass)?
+                    && i < keep
+                {
+                    features.push(f);
+                }
+                self.bar.inc(1);
             }
-            bar.inc(1);
-        }
-        for (i, im) in px.images.iter().enumerate() {
-            bar.set_message(format!("{label}: image {}", i + 1));
-            if let Some(f) = image.run_pixels("pixel_values", "image_features", im, pass)?
-                && i < px.spec_images
-            {
-                media.push((features.len(), false));
-                features.push(f);
+            if pass == Pass::Max && self.passes.len() > 1 {
+                g.stats.iter_mut().for_each(TapStats::start_histograms);
             }
-            bar.inc(1);
         }
-        let lm = Lm {
-            embed: &embed,
-            hidden: t.hidden,
-            layers: t.layers,
-            kv_heads: t.kv_heads,
-            head_dim: t.head_dim,
-            features: &features,
-        };
-        let list = samples(spec, ck, &media, &features, &template, &tokens)?;
-        for (i, s) in list.iter().enumerate() {
-            bar.set_message(format!("{label}: sample {} ({} tokens)", i + 1, s.ids.len()));
-            lm.run(decoder, s, pass)?;
-            bar.inc(1);
-        }
-        if pass == Pass::Max {
-            if spec.smoothquant {
-                smooth_decoder(ck, decoder, spec.alpha, spec.smooth_down_proj)?;
+        let (taps, stats) = self.close(kind.name(), g)?;
+        Ok((GraphStats { kind, taps: taps.into_iter().zip(stats).collect() }, features))
+    }
+
+    /// Runs the language-model samples through the decoder block by block; returns the
+    /// statistics of the whole decoder's taps in its order.
+    fn decoder(&mut self, samples: &[Sample], features: &[Array2<f32>]) -> Result<GraphStats> {
+        let (ck, t) = (self.ck, &self.ck.config.text);
+        let budget = self.opts.memory_budget.unwrap_or(stream::DEFAULT_MEMORY_BUDGET);
+        let mut acts = stream::Activations::new(self.dir, samples.len(), budget);
+        {
+            let embed = ck.weights(&ck.roots.text_body).pp("embed_tokens").f32("weight", &[t.vocab, t.hidden])?;
+            for (i, s) in samples.iter().enumerate() {
+                acts.put(i, s.embeds(&embed, t.hidden, features)?)?;
             }
-            if spec.method.needs_histogram() {
-                for g in [&mut *vision, &mut *image, &mut *decoder] {
-                    for st in &mut g.stats {
-                        st.hist = Some(Histogram::new(st.smoothed_amax()));
-                        if st.factors.is_some() {
-                            st.raw_hist = Some(Histogram::new(st.amax()));
-                        }
+        }
+        let per_block = self.opts.block_layers.unwrap_or(DEFAULT_BLOCK_LAYERS).max(1);
+        let starts: Vec<usize> = (0..t.layers).step_by(per_block).collect();
+        let mut found: HashMap<String, (Tap, TapStats)> = HashMap::new();
+        for (n, &start) in starts.iter().enumerate() {
+            let last = n + 1 == starts.len();
+            let part = Part { layers: start..(start + per_block).min(t.layers), head: last };
+            let name = format!("decoder-{}-{}", part.layers.start, part.layers.end);
+            let mut g = self.open(&name, |b| decoder::build_calibration_block(b, ck, &part))?;
+            for (p, &pass) in self.passes.clone().iter().enumerate() {
+                let advance = p + 1 == self.passes.len();
+                for (i, s) in samples.iter().enumerate() {
+                    self.bar.set_message(format!(
+                        "{}: layers {}..{} sample {} ({} tokens)",
+                        Self::label(pass),
+                        part.layers.start,
+                        part.layers.end,
+                        i + 1,
+                        s.ids.len()
+                    ));
+                    let x = acts.take(i)?;
+                    let next = s.run(&mut g, t, &part, &x, pass, advance)?;
+                    acts.put(i, next.unwrap_or(x))?;
+                    self.note_scratch();
+                    self.bar.inc(1);
+                }
+                if pass == Pass::Max {
+                    if self.spec.smoothquant {
+                        smooth(ck, &g.taps, &mut g.stats, self.spec.alpha, self.spec.smooth_down_proj)?;
+                    }
+                    if self.passes.len() > 1 {
+                        g.stats.iter_mut().for_each(TapStats::start_histograms);
                     }
                 }
             }
+            let (taps, stats) = self.close(&name, g)?;
+            for (tap, st) in taps.into_iter().zip(stats) {
+                let first = tap.consumers.first().cloned().unwrap_or_default();
+                found.insert(first, (tap, st));
+            }
         }
+        self.spilled = acts.spilled();
+        // The taps as the whole decoder names them (its structure alone, built without weights).
+        let skeleton = self.dir.join("decoder-skeleton.onnx.data");
+        let mut b = GraphBuilder::new("decoder", ExternalData::create(&skeleton)?);
+        b.enable_taps();
+        b.set_skeleton();
+        decoder::build(&mut b, ck, KvLayout::Concat)?;
+        let whole = b.finish(env!("CARGO_PKG_VERSION"))?;
+        std::fs::remove_file(&skeleton).map_err(|e| Error::io(&skeleton, e))?;
+        let mut taps = Vec::new();
+        for tap in whole.taps {
+            let first = tap.consumers.first().cloned().unwrap_or_default();
+            let (block_tap, st) = found.remove(&first).ok_or_else(|| {
+                Error::Invalid(format!("calibration: no decoder block recorded the input of {first}"))
+            })?;
+            if block_tap.consumers != tap.consumers
+                || block_tap.channels != tap.channels
+                || block_tap.source != tap.source
+            {
+                return Err(Error::Invalid(format!(
+                    "calibration: the input of {first} differs between the decoder and its block ({:?} vs {:?})",
+                    tap.consumers, block_tap.consumers
+                )));
+            }
+            taps.push((tap, st));
+        }
+        if let Some(extra) = found.keys().next() {
+            return Err(Error::Invalid(format!("calibration: {extra} is in a decoder block but not in the decoder")));
+        }
+        Ok(GraphStats { kind: GraphKind::Decoder, taps })
     }
-    bar.finish_and_clear();
+}
+
+/// Runs the calibration and returns the table and what the run measured.
+fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> Result<(QuantTable, CalibReport)> {
+    let started = Instant::now();
+    let sampler = stream::AnonSampler::start();
+    let scratch = std::env::temp_dir();
+    staging::clean_stale(&scratch, staging::CALIB_PREFIX)?;
+    let work = staging::Staging::scratch(&scratch, staging::CALIB_PREFIX)?;
+    let MediaContract { preprocess: pre, chat_template: template, tokens, .. } =
+        MediaContract::of(ck, &mut Vec::new())?;
+    let px = pixels(spec, &pre, work.path())?;
+    let passes: Vec<Pass> =
+        if spec.method.needs_histogram() { vec![Pass::Max, Pass::Histogram] } else { vec![Pass::Max] };
+    let per_block = opts.block_layers.unwrap_or(DEFAULT_BLOCK_LAYERS).max(1);
+    let lm_items = (spec.samples + spec.texts.len()) * ck.config.text.layers.div_ceil(per_block);
+    let per_pass = px.videos.len() + px.images.len() + lm_items;
+    let bar = progress(opts.progress, (passes.len() * per_pass) as u64);
+    if bar.is_hidden() && opts.progress {
+        eprintln!(
+            "calibration ({}): {} videos, {} images, {} samples, {} texts ({}), decoder {} layer(s) at a time",
+            passes.iter().map(|p| Run::label(*p)).collect::<Vec<_>>().join(", "),
+            px.videos.len(),
+            px.images.len(),
+            spec.samples,
+            spec.texts.len(),
+            spec.origin,
+            per_block
+        );
+    }
+    let mut r = Run {
+        ck,
+        spec,
+        opts,
+        dir: work.path(),
+        bar,
+        passes,
+        blocks: 0,
+        peak_scratch: 0,
+        spilled: 0,
+        block_started: Instant::now(),
+    };
+    r.note_scratch();
+    let (vision, videos) =
+        r.vision(GraphKind::Vision, ("pixel_values_videos", "video_features"), &px.videos, px.videos.len())?;
+    let (image, images) = r.vision(GraphKind::Image, ("pixel_values", "image_features"), &px.images, px.spec_images)?;
+    let mut media: Vec<(usize, bool)> = (0..videos.len()).map(|i| (i, true)).collect();
+    media.extend((0..images.len()).map(|i| (videos.len() + i, false)));
+    let features: Vec<Array2<f32>> = videos.into_iter().chain(images).collect();
+    let list = samples(spec, ck, &media, &features, &template, &tokens)?;
+    let decoder = r.decoder(&list, &features)?;
+    r.bar.finish_and_clear();
+    let report = CalibReport {
+        elapsed: started.elapsed(),
+        blocks: r.blocks,
+        peak_rss_anon_mb: sampler.peak_mb(),
+        peak_scratch_bytes: r.peak_scratch,
+        spilled_bytes: r.spilled,
+    };
+    Ok((table_of(ck, spec, key, &[vision, image, decoder]), report))
+}
+
+/// The table of the statistics `graphs` hold.
+fn table_of(ck: &Checkpoint, spec: &CalibSpec, key: String, graphs: &[GraphStats]) -> QuantTable {
     let mut tensors = Vec::new();
     let mut smoothing = Vec::new();
-    for g in [&*vision, &*image, &*decoder] {
-        for (tap, st) in g.taps.iter().zip(&g.stats) {
+    for g in graphs {
+        for (tap, st) in &g.taps {
             let amax = st.smoothed_amax();
             let range = table::range(amax, stats::threshold(spec.method, amax, st.hist.as_ref()));
             let unsmoothed = st.factors.as_ref().map(|_| {
@@ -591,7 +841,7 @@ fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> R
             });
         }
     }
-    Ok(QuantTable {
+    QuantTable {
         format: FORMAT,
         key,
         spec: spec.origin.clone(),
@@ -608,7 +858,7 @@ fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> R
             .collect(),
         tensors,
         smoothing,
-    })
+    }
 }
 
 /// Whether the linear with weight `name` stays in float: its name contains one of
@@ -623,10 +873,10 @@ fn excluded(ck: &Checkpoint, patterns: &[String], name: &str) -> bool {
     patterns.iter().any(|p| name.contains(p.as_str()) || (p == "lm_head" && name == head))
 }
 
-/// SmoothQuant factors for every decoder tensor an RMSNorm produced, from pass 1's maxima and
-/// the weights of the linears that read it.
-fn smooth_decoder(ck: &Checkpoint, g: &mut CalibGraph, alpha: f32, mlp_down: bool) -> Result<()> {
-    for (tap, st) in g.taps.iter().zip(g.stats.iter_mut()) {
+/// SmoothQuant factors for every decoder tensor an RMSNorm produced (and `silu(gate) * up`
+/// when `mlp_down`), from pass 1's maxima and the weights of the linears that read it.
+fn smooth(ck: &Checkpoint, taps: &[Tap], stats: &mut [TapStats], alpha: f32, mlp_down: bool) -> Result<()> {
+    for (tap, st) in taps.iter().zip(stats.iter_mut()) {
         match &tap.source {
             Some(SmoothSource::Norm(_)) => {}
             Some(SmoothSource::Rows(_)) if mlp_down => {}

@@ -6,6 +6,7 @@ pub mod calibrate;
 pub mod fusion;
 pub mod smooth;
 pub mod stats;
+pub mod stream;
 pub mod table;
 
 pub use crate::onnx::QuantParams;

@@ -117,7 +117,37 @@ pub fn build(b: &mut GraphBuilder, ck: &Checkpoint, layout: KvLayout) -> Result<
     }
 }
 
+/// Which part of the decoder a graph holds: the whole decoder is layers `0..layers` with the
+/// head; calibration runs it block by block ([`build_calibration_block`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// The layers, in order.
+    pub layers: std::ops::Range<usize>,
+    /// Whether the final norm and the output head follow them (`logits`), rather than the hidden
+    /// states leaving the graph as `hidden_states`.
+    pub head: bool,
+}
+
+/// Builds a standard-attention graph of `part` of the decoder, for calibration: its inputs are
+/// the whole decoder's (`inputs_embeds` holds the hidden states entering the first layer, and
+/// `past_key_values.*` are those of its layers), its output `hidden_states` [batch, sequence,
+/// hidden] (or `logits`, with the head). Rotary tables and the causal mask are computed from
+/// `position_ids` and `attention_mask` in every block, as the whole decoder computes them once.
+pub fn build_calibration_block(b: &mut GraphBuilder, ck: &Checkpoint, part: &Part) -> Result<()> {
+    if part.layers.end > ck.config.text.layers || (part.layers.is_empty() && !part.head) {
+        return Err(crate::error::Error::Invalid(format!(
+            "decoder block {:?} of a {}-layer model",
+            part.layers, ck.config.text.layers
+        )));
+    }
+    build_part(b, ck, &mut standard::ConcatAttention::default(), part)
+}
+
 fn build_with(b: &mut GraphBuilder, ck: &Checkpoint, attn: &mut dyn Attention) -> Result<()> {
+    build_part(b, ck, attn, &Part { layers: 0..ck.config.text.layers, head: true })
+}
+
+fn build_part(b: &mut GraphBuilder, ck: &Checkpoint, attn: &mut dyn Attention, part: &Part) -> Result<()> {
     let t = &ck.config.text;
     let kv_dtype = b.numerics().act;
     let body = ck.weights(&ck.roots.text_body);
@@ -128,42 +158,62 @@ fn build_with(b: &mut GraphBuilder, ck: &Checkpoint, attn: &mut dyn Attention) -
     ));
     let mask = b.input(TensorSpec::new("attention_mask", DType::I64, vec![sym("batch"), sym("total_sequence")]));
     attn.declare_inputs(b, t);
-    let keep = b.input(TensorSpec::new("logits_to_keep", DType::I64, vec![Dim::Fixed(1)]));
+    let keep = part.head.then(|| b.input(TensorSpec::new("logits_to_keep", DType::I64, vec![Dim::Fixed(1)])));
     let mut past = Vec::new();
-    for i in 0..t.layers {
+    for i in part.layers.clone() {
         let k = b.input(kv_spec(format!("past_key_values.{i}.key"), t, kv_dtype, attn.past_len()));
         let v = b.input(kv_spec(format!("past_key_values.{i}.value"), t, kv_dtype, attn.past_len()));
-        past.push((k, v));
+        past.push((i, k, v));
     }
     attn.prepare(b, t, &embeds, &mask)?;
     let mut x = to_act(b, &embeds);
     let mut presents = Vec::new();
-    for (i, (pk, pv)) in past.iter().enumerate() {
+    for (i, pk, pv) in &past {
         b.set_scope(&format!("layer{i}"));
-        let w = body.pp("layers").pp(i);
+        let w = body.pp("layers").pp(*i);
         let normed = rms_norm(b, &w.pp("input_layernorm"), &x, t.hidden, t.rms_eps)?;
         let (out, k, v) = attn.layer(b, &w.pp("self_attn"), t, &normed, (pk, pv))?;
         let h = b.op("Add", &[&x, &out], vec![]);
         let normed = rms_norm(b, &w.pp("post_attention_layernorm"), &h, t.hidden, t.rms_eps)?;
         let m = mlp(b, &w.pp("mlp"), t, &normed)?;
         x = b.op("Add", &[&h, &m], vec![]);
-        presents.push((k, v));
+        presents.push((*i, k, v));
     }
     b.set_scope("");
-    let normed = rms_norm(b, &body.pp("norm"), &x, t.hidden, t.rms_eps)?;
-    let start = b.op("Neg", &[&keep], vec![]);
-    let end = b.const_i64(&[i64::MAX], &[1]);
-    let axis = b.const_i64(&[1], &[1]);
-    let last = b.op("Slice", &[&normed, &start, &end, &axis], vec![]);
-    b.note_same_channels(&last, &normed);
-    let head = if ck.roots.lm_head.is_empty() { body.pp("embed_tokens") } else { ck.weights(&ck.roots.lm_head) };
-    let logits = lm_head(b, &head, t, &last)?;
-    let logits = to_f32(b, &logits);
-    b.output(
-        &logits,
-        TensorSpec::new("logits", DType::F32, vec![sym("batch"), sym("logits_len"), Dim::Fixed(t.vocab as i64)]),
-    );
-    for (i, (k, v)) in presents.iter().enumerate() {
+    match keep {
+        Some(keep) => {
+            let normed = rms_norm(b, &body.pp("norm"), &x, t.hidden, t.rms_eps)?;
+            let start = b.op("Neg", &[&keep], vec![]);
+            let end = b.const_i64(&[i64::MAX], &[1]);
+            let axis = b.const_i64(&[1], &[1]);
+            let last = b.op("Slice", &[&normed, &start, &end, &axis], vec![]);
+            b.note_same_channels(&last, &normed);
+            let head =
+                if ck.roots.lm_head.is_empty() { body.pp("embed_tokens") } else { ck.weights(&ck.roots.lm_head) };
+            let logits = lm_head(b, &head, t, &last)?;
+            let logits = to_f32(b, &logits);
+            b.output(
+                &logits,
+                TensorSpec::new(
+                    "logits",
+                    DType::F32,
+                    vec![sym("batch"), sym("logits_len"), Dim::Fixed(t.vocab as i64)],
+                ),
+            );
+        }
+        None => {
+            let hidden = to_f32(b, &x);
+            b.output(
+                &hidden,
+                TensorSpec::new(
+                    "hidden_states",
+                    DType::F32,
+                    vec![sym("batch"), sym("sequence"), Dim::Fixed(t.hidden as i64)],
+                ),
+            );
+        }
+    }
+    for (i, k, v) in &presents {
         b.output(k, kv_spec(format!("present.{i}.key"), t, kv_dtype, attn.present_len()));
         b.output(v, kv_spec(format!("present.{i}.value"), t, kv_dtype, attn.present_len()));
     }

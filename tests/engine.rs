@@ -147,6 +147,26 @@ fn default_engine_runs_its_in_place_twin_batched_with_the_standard_decoders_answ
     batched_equals_alone(model_with(concat_engine(), DecoderChoice::InPlace));
 }
 
+/// KV slots allocated up front by the session's allocator (what a GPU gets, there in device
+/// memory) answer as the host mappings do, batched, with follow-ups reusing a slot. The
+/// allocated memory starts as NaN on the CPU, so a read of a position never written would
+/// show in the logits.
+#[test]
+fn allocated_kv_slots_answer_as_host_mapped_ones() {
+    use vl_runtime::engine::KvPlacement;
+    let host = Engine::start(model(pool_engine()), EngineOptions::default()).unwrap();
+    let options = EngineOptions { kv_placement: KvPlacement::Allocated, slots: 4, max_active: 4, ..Default::default() };
+    let allocated = Engine::start(model(pool_engine()), options).unwrap();
+    let reference: Vec<Outcome> = (0..8).map(|i| alone(&host, request(i, Pace::Free))).collect();
+    // More requests than slots: slots are reused by later sequences.
+    let handles: Vec<Handle> = (0..8).map(|i| allocated.submit(request(i, Pace::Free)).unwrap()).collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_same(&format!("request {i}"), &collect(h), &reference[i]);
+    }
+    let stats = allocated.stats();
+    assert!(stats.decode_rows > stats.decode_calls, "no decode call carried more than one sequence: {stats:?}");
+}
+
 #[test]
 fn small_prefill_chunks_give_the_same_answers() {
     let whole = Engine::start(model(pool_engine()), EngineOptions::default()).unwrap();

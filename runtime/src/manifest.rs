@@ -52,7 +52,34 @@ pub struct Manifest {
     /// Graphs compiled ahead of time for a GPU (`vl-export compile`), with what they were
     /// built for. Optional: absent until a compilation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub compiled: Vec<crate::device::Compilation>,
+    pub compiled: Vec<Compilation>,
+}
+
+/// One compilation of an engine directory's graphs for one device kind, ahead of time on a GPU
+/// (`crate::device::compile_engine`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compilation {
+    /// `tensorrt` or `tensorrt-rtx`.
+    pub device: String,
+    /// The GPU it was built on (`NVIDIA H200`).
+    pub gpu: String,
+    /// Its compute capability (`9.0`).
+    pub compute_capability: String,
+    /// TensorRT's version (`10.13.0`; for TensorRT-RTX, its own version).
+    pub tensorrt_version: String,
+    /// ONNX Runtime's version (`1.31.1`).
+    pub onnxruntime_version: String,
+    /// The compiled graphs.
+    pub graphs: Vec<CompiledGraph>,
+}
+
+/// One compiled graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompiledGraph {
+    /// The manifest role (`vision`, `decoder`, ...).
+    pub role: String,
+    /// The EP-context model, relative to the engine directory.
+    pub file: String,
 }
 
 /// Where the weights came from.

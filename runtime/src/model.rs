@@ -10,13 +10,13 @@ use ort::value::TensorRef;
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::generate::{LanguageModel, features_2d, ms};
 use crate::graph::Graph;
 use crate::graph::SessionOptions;
 use crate::kv_cache;
 use crate::manifest::{FrameSamplingRule, KvLayout, MANIFEST_FILE, Manifest, PlaceholderStyle};
-use crate::ort_env::Device;
 use crate::preprocess::load_pixel_values_npy;
 use crate::prompt::VisualSlot;
 use crate::verify::{Verify, verify_engine};

@@ -10,8 +10,6 @@ use ort::environment::Environment;
 
 use crate::error::{Error, Result};
 
-pub use crate::device::Device;
-
 static ENVIRONMENT: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
 
 fn is_ort_library(name: &str) -> bool {

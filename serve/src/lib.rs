@@ -190,6 +190,7 @@ impl App {
             prefill_chunk_tokens: args.prefill_chunk,
             when_full,
             prefix_cache: args.prefix_cache,
+            ..EngineOptions::default()
         };
         let engine = Engine::start(model, engine_options)?;
         Ok(Self {

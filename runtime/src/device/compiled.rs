@@ -3,33 +3,7 @@
 //! the TensorRT and ONNX Runtime versions it was built with, so the manifest records them and
 //! the runtime compares before using one: on a mismatch it rebuilds from the ONNX graphs or
 //! fails, as the service chose, and never loads an engine made for something else.
-use serde::{Deserialize, Serialize};
-
-/// One compilation of an engine directory's graphs for one device kind.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Compilation {
-    /// `tensorrt` or `tensorrt-rtx`.
-    pub device: String,
-    /// The GPU it was built on (`NVIDIA H200`).
-    pub gpu: String,
-    /// Its compute capability (`9.0`).
-    pub compute_capability: String,
-    /// TensorRT's version (`10.13.0`; for TensorRT-RTX, its own version).
-    pub tensorrt_version: String,
-    /// ONNX Runtime's version (`1.31.1`).
-    pub onnxruntime_version: String,
-    /// The compiled graphs.
-    pub graphs: Vec<CompiledGraph>,
-}
-
-/// One compiled graph.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CompiledGraph {
-    /// The manifest role (`vision`, `decoder`, ...).
-    pub role: String,
-    /// The EP-context model, relative to the engine directory.
-    pub file: String,
-}
+pub use crate::manifest::{Compilation, CompiledGraph};
 
 /// What to do when the compiled graphs were made for another GPU or version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -63,7 +63,7 @@ use std::sync::mpsc::{Sender, channel};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-pub use options::{EngineOptions, WhenFull};
+pub use options::{EngineOptions, KvPlacement, WhenFull};
 pub use request::{ConversationId, Done, Event, FollowUp, Handle, Pace, Request};
 
 use crate::error::{Error, Overload, Result};

@@ -22,6 +22,23 @@ pub struct EngineOptions {
     /// (then they are evicted like any idle conversation, keeping their tokens and visual
     /// features). 0: no prefix cache.
     pub prefix_cache: usize,
+    /// Where the in-place decoder's KV slots live.
+    pub kv_placement: KvPlacement,
+}
+
+/// Where the KV slots of the in-place decoder live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvPlacement {
+    /// Device memory on a GPU ([`KvPlacement::Allocated`]); host mappings on the CPU.
+    #[default]
+    Auto,
+    /// Anonymous host mappings: pages are committed when first written and handed back when a
+    /// slot is freed, so resident memory follows the positions in use.
+    Host,
+    /// Every slot allocated up front, once, by the decoder session's allocator on its device
+    /// (CUDA: GPU memory, so decode steps never copy the cache; the CPU: ONNX Runtime's CPU
+    /// allocator).
+    Allocated,
 }
 
 impl Default for EngineOptions {
@@ -33,6 +50,7 @@ impl Default for EngineOptions {
             prefill_chunk_tokens: 512,
             when_full: WhenFull::Queue { max_waiting: 64 },
             prefix_cache: 8,
+            kv_placement: KvPlacement::Auto,
         }
     }
 }

@@ -8,7 +8,10 @@
 //! writes only the new positions and no step copies the cache.
 //!
 //! Pages are committed by the kernel when first written, so resident memory follows the
-//! positions in use; a freed slot's pages are handed back ([`SlotPool::release`]). The spare
+//! positions in use; a freed slot's pages are handed back ([`SlotPool::release`]). On a GPU the
+//! same buffers are allocated once in device memory through the session's allocator
+//! ([`SlotPool::with_allocator`]), so decode steps read and write the cache where it lives and
+//! only embeddings go in and the last logits row comes out. The spare
 //! position exists for rows that ride along in a decode call without decoding (see
 //! [`DecodeRow::Idle`]): their write lands one past what they hold and is overwritten before it
 //! is ever read.
@@ -16,9 +19,9 @@ use std::ffi::CString;
 
 use memmap2::{MmapMut, UncheckedAdvice};
 use ort::AsPointer;
-use ort::memory::MemoryInfo;
+use ort::memory::{Allocator, MemoryInfo};
 use ort::session::{IoBinding, Session};
-use ort::value::{DynValue, DynValueRefMut, Shape, Tensor, TensorElementType, TensorRefMut};
+use ort::value::{DynTensor, DynValue, DynValueRefMut, Shape, Tensor, TensorElementType, TensorRefMut};
 
 use crate::error::{Error, Result};
 use crate::manifest::{DType, ModelDims};
@@ -41,10 +44,20 @@ impl DecodeRow {
     }
 }
 
+/// Where the buffers live.
+enum Storage {
+    /// Anonymous mappings in host memory (the CPU provider).
+    Host,
+    /// Tensors from an ONNX Runtime allocator (CUDA: device memory), allocated once. The
+    /// tensors are dropped before the allocator that freed them needs to exist (field order).
+    Allocated { tensors: Vec<DynTensor>, info: MemoryInfo<'static>, _allocator: Allocator },
+}
+
 /// The preallocated KV memory of all slots.
 pub(crate) struct SlotPool {
-    /// `[key_0, value_0, key_1, ...]`.
+    /// `[key_0, value_0, key_1, ...]` (host storage; empty otherwise).
     maps: Vec<MmapMut>,
+    storage: Storage,
     /// `(past_key_values.*, present.*)` names, in the order of `maps`.
     names: Vec<(String, String)>,
     dtype: TensorElementType,
@@ -88,6 +101,7 @@ impl SlotPool {
         }
         Ok(Self {
             maps,
+            storage: Storage::Host,
             names,
             dtype,
             kv_heads: dims.num_kv_heads,
@@ -98,12 +112,51 @@ impl SlotPool {
         })
     }
 
+    /// Like [`SlotPool::new`], with every buffer allocated up front from `session`'s allocator
+    /// for `info` (CUDA device memory on a GPU). Host-accessible memory is filled with NaN, so a
+    /// read of a position never written cannot go unnoticed (the tests run this on the CPU).
+    pub(crate) fn with_allocator(
+        dims: &ModelDims,
+        slots: usize,
+        context: usize,
+        session: &Session,
+        info: MemoryInfo<'static>,
+    ) -> Result<Self> {
+        let mut pool = Self::new(dims, 0, context)?;
+        pool.maps.clear();
+        pool.slots = slots;
+        let allocator = Allocator::new(session, info.clone())?;
+        let shape = [slots as i64, pool.kv_heads as i64, pool.positions as i64, pool.head_dim as i64];
+        let mut tensors = Vec::with_capacity(pool.names.len());
+        for _ in &pool.names {
+            let mut t = DynTensor::new(&allocator, pool.dtype, shape)?;
+            if info.is_cpu_accessible() {
+                let ptr = t.data_ptr_mut().cast::<u8>();
+                let bytes = slots * pool.slot_bytes();
+                // SAFETY: the tensor owns `bytes` bytes at `ptr`, host-accessible.
+                let buf = unsafe { std::slice::from_raw_parts_mut(ptr, bytes) };
+                match pool.dtype {
+                    TensorElementType::Float16 => {
+                        buf.chunks_exact_mut(2).for_each(|c| c.copy_from_slice(&[0x00, 0x7e]))
+                    }
+                    _ => buf.chunks_exact_mut(4).for_each(|c| c.copy_from_slice(&f32::NAN.to_le_bytes())),
+                }
+            }
+            tensors.push(t);
+        }
+        pool.storage = Storage::Allocated { tensors, info, _allocator: allocator };
+        Ok(pool)
+    }
+
     fn slot_bytes(&self) -> usize {
         self.kv_heads * self.positions * self.head_dim * self.elem_bytes
     }
 
     /// Hands a freed slot's pages back to the kernel (its contents become zeros).
     pub(crate) fn release(&mut self, slot: usize) {
+        if !matches!(self.storage, Storage::Host) {
+            return; // allocated once, kept for the next sequence
+        }
         let (size, page) = (self.slot_bytes(), 4096);
         let start = (slot * size).next_multiple_of(page);
         let end = ((slot + 1) * size) / page * page;
@@ -169,15 +222,21 @@ impl SlotPool {
         let mut binding = session.create_binding()?;
         let offset = first * self.slot_bytes();
         let shape = [rows as i64, self.kv_heads as i64, self.positions as i64, self.head_dim as i64];
-        // Views of the mapped memory; they live until the run is over.
-        let mut views = Vec::with_capacity(2 * self.maps.len());
-        for (map, (input, output)) in self.maps.iter_mut().zip(&self.names) {
-            // SAFETY: the range [offset, offset + rows * slot_bytes) lies inside the mapping
-            // (checked above), the mapping outlives the views (dropped at the end of this
+        // Views of the buffers; they live until the run is over.
+        let (bases, info): (Vec<*mut u8>, MemoryInfo<'static>) = match &mut self.storage {
+            Storage::Host => (self.maps.iter_mut().map(|m| m.as_mut_ptr()).collect(), MemoryInfo::default()),
+            Storage::Allocated { tensors, info, .. } => {
+                (tensors.iter_mut().map(|t| t.data_ptr_mut().cast::<u8>()).collect(), info.clone())
+            }
+        };
+        let mut views = Vec::with_capacity(2 * bases.len());
+        for (base, (input, output)) in bases.into_iter().zip(&self.names) {
+            // SAFETY: the range [offset, offset + rows * slot_bytes) lies inside the buffer
+            // (checked above), the buffer outlives the views (dropped at the end of this
             // call), and nothing else reads or writes it during the call.
-            let ptr = unsafe { map.as_mut_ptr().add(offset) }.cast();
-            let past = unsafe { view(self.dtype, ptr, &shape) }?;
-            let present = unsafe { view(self.dtype, ptr, &shape) }?;
+            let ptr = unsafe { base.add(offset) }.cast();
+            let past = unsafe { view(self.dtype, ptr, &shape, &info) }?;
+            let present = unsafe { view(self.dtype, ptr, &shape, &info) }?;
             bind_input_in_place(&mut binding, input, &past)?;
             binding.bind_output(output.as_str(), present)?;
             views.push(past);
@@ -205,9 +264,10 @@ unsafe fn view(
     dtype: TensorElementType,
     ptr: *mut std::ffi::c_void,
     shape: &[i64; 4],
+    info: &MemoryInfo<'static>,
 ) -> Result<DynValueRefMut<'static>> {
     let shape = Shape::new(shape.iter().copied());
-    let info = MemoryInfo::default();
+    let info = info.clone();
     Ok(match dtype {
         TensorElementType::Float16 => unsafe { TensorRefMut::<half::f16>::from_raw(info, ptr, shape) }?.into_dyn(),
         _ => unsafe { TensorRefMut::<f32>::from_raw(info, ptr, shape) }?.into_dyn(),

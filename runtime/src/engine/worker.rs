@@ -22,7 +22,7 @@ use super::{EngineOptions, EngineStats, VisionJob, WhenFull};
 use crate::error::{Error, Overload, Result};
 use crate::generate::{Decoding, FinishReason, Flow, Next, Splice, ms, splice_features};
 use crate::kv_cache::KvCache;
-use crate::manifest::KvLayout;
+use crate::manifest::{KvLayout, ModelDims};
 use crate::model::{Media, Model, Visual};
 use crate::prompt::PromptBuilder;
 
@@ -222,6 +222,26 @@ pub(crate) struct Worker {
     prefix: PrefixIndex,
 }
 
+/// The KV slots, where [`super::KvPlacement`] puts them.
+fn slot_pool(model: &Model, dims: &ModelDims, options: &EngineOptions, context: usize) -> Result<SlotPool> {
+    use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+    let gpu = model.device().device.gpu();
+    let allocated = match options.kv_placement {
+        super::KvPlacement::Auto => gpu.is_some(),
+        super::KvPlacement::Host => false,
+        super::KvPlacement::Allocated => true,
+    };
+    if !allocated {
+        return SlotPool::new(dims, options.slots, context);
+    }
+    let info = match gpu {
+        Some(id) => MemoryInfo::new(AllocationDevice::CUDA, id, AllocatorType::Device, MemoryType::Default)?,
+        None => MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default)?,
+    };
+    let session = model.decoder().lock();
+    SlotPool::with_allocator(dims, options.slots, context, &session, info)
+}
+
 impl Worker {
     pub(crate) fn new(
         model: Arc<Model>,
@@ -234,7 +254,7 @@ impl Worker {
         let bytes_per_position = super::pool::bytes_per_position(&dims);
         let budget_positions = super::budget_positions(&options, context, bytes_per_position);
         let backend = match dims.kv_layout {
-            KvLayout::SharedBuffer => Backend::Pool(SlotPool::new(&dims, options.slots, context)?),
+            KvLayout::SharedBuffer => Backend::Pool(slot_pool(&model, &dims, &options, context)?),
             KvLayout::Concat => Backend::PerSequence,
         };
         let stats = EngineStats {

@@ -22,11 +22,41 @@ fn export(spec: &SynthSpec, dir: &Path, name: &str) -> Manifest {
     Manifest::load(&engine).unwrap()
 }
 
+/// Greedy tokens for a text question, then for a question about the tiny fixture's video (its
+/// prompt repeats the video placeholder once per visual token).
 fn answer(engine: &Path) -> Vec<u32> {
     let p = Pipeline::load(engine, PipelineOptions::default()).unwrap();
     let opts = GenerateOptions { max_new_tokens: 8, ignore_eos: true, ..GenerateOptions::default() };
     let mut chat = p.conversation(Media::Text).unwrap();
-    chat.ask("What is in the video?", &opts, &mut |_| Flow::Continue).unwrap().token_ids
+    let mut tokens = chat.ask("What is in the video?", &opts, &mut |_| Flow::Continue).unwrap().token_ids;
+    let video = Media::PixelValuesFile(vl_e2e::fixture_dir("tiny").join("pixel_values_videos.npy"));
+    let mut chat = p.conversation(video).unwrap();
+    tokens.extend(chat.ask("What is in the video?", &opts, &mut |_| Flow::Continue).unwrap().token_ids);
+    tokens
+}
+
+/// A tokenizer whose placeholders are normalized, non-special added tokens (repeated, they do
+/// not tokenize to one id each) fails the export, naming the tokenizer, instead of the first
+/// video question.
+#[test]
+fn a_tokenizer_that_merges_repeated_placeholders_fails_the_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = SynthSpec {
+        layout: CheckpointLayout::HfV4,
+        published: true,
+        tokenizer: SynthTokenizer::SentencePiece,
+        ..case_spec("tiny")
+    };
+    let ckpt = dir.path().join("ckpt");
+    synthesize(&spec, &ckpt).unwrap();
+    let config = ckpt.join("tokenizer_config.json");
+    let mut json: serde_json::Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    json.as_object_mut().unwrap().remove("added_tokens_decoder");
+    std::fs::write(&config, serde_json::to_vec(&json).unwrap()).unwrap();
+    let engine = dir.path().join("engine");
+    let err = build(&BuildOptions::new(ckpt, engine.clone())).unwrap_err().to_string();
+    assert!(err.contains("tokenizer.json") && err.contains("tokenize to 1 placeholder ids"), "{err}");
+    assert!(!engine.exists(), "an engine was written");
 }
 
 fn same_graphs(a: &Manifest, b: &Manifest) {

@@ -129,6 +129,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
         let tokenizer_note = tokenizer_src.write_engine_file(&tokenizer_dst)?;
         let mut manifest = manifest(&ck, opts, &plan, graphs)?;
         manifest.assumptions.extend(tokenizer_note);
+        let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_dst)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tokenizer_dst.display())))?;
+        vl_runtime::model::check_placeholders(&tokenizer, &manifest, &tokenizer_dst)?;
         manifest.save(tmp.path())?;
         move_into_place(tmp, &opts.out)?;
         Ok((manifest, timings))

@@ -137,7 +137,9 @@ pub struct Model {
 
 /// With one placeholder per visual token, each placeholder must be a single token of the
 /// manifest's id: otherwise prompts would carry no (or misplaced) visual positions.
-fn check_placeholders(tokenizer: &Tokenizer, manifest: &Manifest, tok_path: &Path) -> Result<()> {
+/// They must also stay one id each when repeated; the exporter runs this check too, so a bad
+/// tokenizer fails the export rather than the first video.
+pub fn check_placeholders(tokenizer: &Tokenizer, manifest: &Manifest, tok_path: &Path) -> Result<()> {
     let t = &manifest.chat_template;
     if t.placeholders != PlaceholderStyle::RepeatPerToken {
         return Ok(());
@@ -149,6 +151,22 @@ fn check_placeholders(tokenizer: &Tokenizer, manifest: &Manifest, tok_path: &Pat
             let found = found.map_or_else(|| "is not one of its tokens".to_string(), |f| format!("is token {f}"));
             return Err(Error::Tokenizer(format!(
                 "{}: the {field} placeholder {placeholder} {found}, but manifest.yaml's tokens.{field} is {id}",
+                tok_path.display()
+            )));
+        }
+        // The prompt repeats the placeholder once per visual token, so repeated placeholders
+        // must tokenize to one id each. A placeholder added as a normalized, non-special token
+        // does not (the normalizer's prefix glues to the first copy only): refuse at load, not
+        // at the first video.
+        let repeated = tokenizer
+            .encode(format!("A {placeholder}{placeholder}{placeholder} B").as_str(), false)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;
+        let count = repeated.get_ids().iter().filter(|&&i| i == id).count();
+        if count != 3 {
+            return Err(Error::Tokenizer(format!(
+                "{}: three {placeholder} in a row tokenize to {count} placeholder ids, not 3: the prompt's repeated \
+                 {field} placeholders would not each become one id (make {placeholder} a special, non-normalized \
+                 added token, as the published checkpoint's tokenizer has it)",
                 tok_path.display()
             )));
         }

@@ -190,15 +190,26 @@ fn tokenizer_files(s: &SynthSpec, ids: &SpecialIds, out: &Path) -> Result<()> {
             "LlamaTokenizer"
         }
     };
-    write_json(
-        out,
-        "tokenizer_config.json",
-        &json!({
-            "tokenizer_class": class, "bos_token": "<s>", "eos_token": "</s>",
-            "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": s.max_positions,
-            "add_bos_token": true, "add_eos_token": false, "clean_up_tokenization_spaces": false,
-        }),
-    )?;
+    let mut config = json!({
+        "tokenizer_class": class, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": s.max_positions,
+        "add_bos_token": true, "add_eos_token": false, "clean_up_tokenization_spaces": false,
+    });
+    if s.tokenizer == SynthTokenizer::SentencePiece {
+        // As the published port's config has them: the conversion script adds the placeholders
+        // with `AddedToken(..., special=True, normalized=False)`, so that the processor's
+        // repeated placeholders tokenize to one id each.
+        let token = |content: &str| {
+            json!({"content": content, "lstrip": false, "normalized": false, "rstrip": false,
+                   "single_word": false, "special": true})
+        };
+        config["added_tokens_decoder"] = json!({
+            "0": token("<unk>"), "1": token("<s>"), "2": token("</s>"),
+            ids.image.to_string(): token("<image>"), ids.video.to_string(): token("<video>"),
+            ids.pad.to_string(): token("<pad>"),
+        });
+    }
+    write_json(out, "tokenizer_config.json", &config)?;
     write_json(
         out,
         "special_tokens_map.json",

@@ -22,6 +22,11 @@ fn options(device: Device) -> PipelineOptions {
 
 #[test]
 fn a_cpu_only_onnx_runtime_refuses_gpu_devices_by_name() {
+    let library = vl_runtime::ort_env::library_path().unwrap();
+    if library.with_file_name(CUDA_PROVIDER).exists() {
+        eprintln!("skipped: {} is a GPU build", library.display());
+        return;
+    }
     let engine = &vl_e2e::built("tiny").engine;
     for device in [Device::Cuda { device_id: 0 }, Device::TensorRt { device_id: 1 }] {
         let Err(err) = Pipeline::load(engine, options(device)) else { panic!("{device} loaded on a CPU-only build") };
@@ -32,16 +37,22 @@ fn a_cpu_only_onnx_runtime_refuses_gpu_devices_by_name() {
 }
 
 #[test]
-fn auto_takes_the_cpu_here_and_says_why() {
+fn auto_takes_cuda_where_it_can_else_the_cpu_and_says_why() {
     let engine = &vl_e2e::built("tiny").engine;
-    let opts = ModelOptions {
-        session: SessionOptions { device: Device::Auto, ..SessionOptions::default() },
-        ..ModelOptions::default()
-    };
-    let model = Model::load(engine, opts).unwrap();
-    assert_eq!(model.device().device, Device::Cpu);
-    assert!(model.device().reason.starts_with("auto: the CPU, since"), "{}", model.device().reason);
-    assert!(model.device().reason.contains("CPU-only build"), "{}", model.device().reason);
+    let session = SessionOptions { device: Device::Auto, ..SessionOptions::default() };
+    let model = Model::load(engine, ModelOptions { session, ..ModelOptions::default() }).unwrap();
+    let library = vl_runtime::ort_env::library_path().unwrap();
+    let reason = &model.device().reason;
+    match probe::check(Device::Cuda { device_id: 0 }, &library) {
+        Ok(gpu) => {
+            assert_eq!(model.device().device, Device::Cuda { device_id: 0 });
+            assert!(reason.contains(&gpu.name), "{reason}");
+        }
+        Err(why) => {
+            assert_eq!(model.device().device, Device::Cpu);
+            assert!(reason.starts_with("auto: the CPU, since") && reason.contains(&why.to_string()), "{reason}");
+        }
+    }
 }
 
 #[test]

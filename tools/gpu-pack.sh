@@ -32,7 +32,7 @@ for b in vl-run vl-export vl-bench; do strip -o "$STAGE/bin/$b" "target/release/
 test_bin=$(ls -t target/release/deps/devices-* | grep -v '\.d$' | head -n 1)
 strip -o "$STAGE/bin/devices-test" "$test_bin"
 cp tools/gpu_torch_baseline.py "$STAGE/bin/"
-tar -C "$STAGE" -cf - . | zstd -q -19 -T0 > "$OUT/payload.tar.zst"
+tar -C "$STAGE" -cf - . | zstd -q "-${ZSTD_LEVEL:-19}" -T0 > "$OUT/payload.tar.zst"
 split -b 60M -d "$OUT/payload.tar.zst" "$OUT/part-"
 rm "$OUT/payload.tar.zst" && rm -rf "$STAGE"
 (cd "$OUT" && sha256sum part-* > SHA256SUMS)

@@ -131,7 +131,7 @@ fn each_missing_gpu_library_is_named_with_what_to_install() {
     let missing = probe::check_libraries(trt, &libs).unwrap_err();
     assert!(matches!(missing, Missing::CpuOnlyOrt { provider: TENSORRT_PROVIDER, .. }), "{missing}");
     // ... and the driver check comes next: there is no NVIDIA driver on this machine.
-    if libloading_driver_absent() {
+    if no_nvidia_driver_installed() {
         let missing = probe::check(cuda, &libs).unwrap_err();
         assert!(matches!(missing, Missing::Driver(_)), "{missing}");
         assert!(missing.to_string().contains("libcuda.so.1"), "{missing}");
@@ -144,7 +144,7 @@ fn each_missing_gpu_library_is_named_with_what_to_install() {
     }
 }
 
-fn libloading_driver_absent() -> bool {
+fn no_nvidia_driver_installed() -> bool {
     !Path::new("/proc/driver/nvidia/version").exists()
         && !["/usr/lib/x86_64-linux-gnu/libcuda.so.1", "/usr/lib64/libcuda.so.1", "/usr/lib/libcuda.so.1"]
             .iter()

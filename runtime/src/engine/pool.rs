@@ -81,32 +81,38 @@ pub(crate) fn bytes_per_position(dims: &ModelDims) -> u64 {
 impl SlotPool {
     /// Maps `slots` slots of `context` positions (plus the spare) for a model of `dims`.
     pub(crate) fn new(dims: &ModelDims, slots: usize, context: usize) -> Result<Self> {
+        let mut pool = Self::layout(dims, slots, context)?;
+        let bytes = slots * pool.slot_bytes();
+        for _ in &pool.names {
+            let map = MmapMut::map_anon(bytes.max(1)).map_err(|e| {
+                Error::Request(format!("could not map {bytes} bytes of KV cache for {slots} slots: {e}"))
+            })?;
+            pool.maps.push(map);
+        }
+        Ok(pool)
+    }
+
+    /// The pool's shape and names, with no memory yet.
+    fn layout(dims: &ModelDims, slots: usize, context: usize) -> Result<Self> {
         let (dtype, elem_bytes) = match dims.kv_dtype {
             DType::F32 => (TensorElementType::Float32, 4),
             DType::F16 => (TensorElementType::Float16, 2),
             DType::I64 => return Err(Error::Request("the manifest gives the KV cache an integer type".into())),
         };
-        let positions = context + 1;
-        let bytes = slots * dims.num_kv_heads * positions * dims.head_dim * elem_bytes;
-        let mut maps = Vec::with_capacity(2 * dims.num_layers);
-        let mut names = Vec::with_capacity(2 * dims.num_layers);
-        for layer in 0..dims.num_layers {
-            for part in ["key", "value"] {
-                let map = MmapMut::map_anon(bytes.max(1)).map_err(|e| {
-                    Error::Request(format!("could not map {bytes} bytes of KV cache for {slots} slots: {e}"))
-                })?;
-                maps.push(map);
-                names.push((format!("past_key_values.{layer}.{part}"), format!("present.{layer}.{part}")));
-            }
-        }
+        let names = (0..dims.num_layers)
+            .flat_map(|layer| {
+                ["key", "value"]
+                    .map(|part| (format!("past_key_values.{layer}.{part}"), format!("present.{layer}.{part}")))
+            })
+            .collect();
         Ok(Self {
-            maps,
+            maps: Vec::new(),
             storage: Storage::Host,
             names,
             dtype,
             kv_heads: dims.num_kv_heads,
             head_dim: dims.head_dim,
-            positions,
+            positions: context + 1,
             slots,
             elem_bytes,
         })
@@ -122,9 +128,7 @@ impl SlotPool {
         session: &Session,
         info: MemoryInfo<'static>,
     ) -> Result<Self> {
-        let mut pool = Self::new(dims, 0, context)?;
-        pool.maps.clear();
-        pool.slots = slots;
+        let mut pool = Self::layout(dims, slots, context)?;
         let allocator = Allocator::new(session, info.clone())?;
         let shape = [slots as i64, pool.kv_heads as i64, pool.positions as i64, pool.head_dim as i64];
         let mut tensors = Vec::with_capacity(pool.names.len());

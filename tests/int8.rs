@@ -23,7 +23,7 @@ use vl_export::quant::table::QuantTable;
 use vl_runtime::generate::Splice;
 use vl_runtime::kv_cache::KvCache;
 use vl_runtime::manifest::{Precision, Target};
-use vl_runtime::{Media, Pipeline, PipelineOptions};
+use vl_runtime::{DecoderChoice, Media, Pipeline, PipelineOptions};
 
 /// A quick spec: two generated videos, one image, three samples, both kinds of smoothing.
 const SPEC: &str = "\
@@ -50,12 +50,17 @@ fn spec_in(dir: &Path, extra: &str) -> CalibOptions {
 
 /// Video features and the logits of every prompt position for the golden inputs.
 fn run_golden(engine: &Path) -> (Vec<f32>, Vec<f32>) {
+    run_golden_on(engine, DecoderChoice::Auto)
+}
+
+/// [`run_golden`] on the graphs `choice` picks (`Standard`: the TensorRT-form ones).
+fn run_golden_on(engine: &Path, choice: DecoderChoice) -> (Vec<f32>, Vec<f32>) {
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture_dir("tiny").join("golden.json")).unwrap()).unwrap();
     let prompt: Vec<u32> = golden["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     let px: ArrayD<f32> = read_npy(fixture_dir("tiny").join("pixel_values_videos.npy")).unwrap();
     let px = std::sync::Arc::new(px.into_dimensionality::<Ix5>().unwrap());
-    let p = Pipeline::load(engine, PipelineOptions::default()).unwrap();
+    let p = Pipeline::load(engine, PipelineOptions { decoder: choice, ..Default::default() }).unwrap();
     let visual = p.visual(&Media::VideoPixels(px)).unwrap().unwrap();
     let splice = Splice { token: p.manifest().tokens.video, features: visual.features.view() };
     let mut kv = KvCache::new(&p.manifest().model).unwrap();
@@ -154,8 +159,32 @@ fn onnx_runtime_fuses_every_qdq_linear() {
             assert_eq!(r.dequantized_matmuls, 0, "{target:?} {graph}");
             assert!(!r.ops.contains_key("DequantizeLinear"), "{target:?} {graph}: {:?}", r.ops);
         }
-        let (_, logits) = run_golden(&out);
+        let (features, logits) = run_golden(&out);
         assert!(logits.iter().all(|v| v.is_finite()));
+        if target == Target::Standard {
+            uint8_twins_are_the_cpu_graphs(&out, &table.table, &features, &logits);
+        }
+    }
+}
+
+/// The TensorRT-form int8 engine's twins for ONNX Runtime (`vision_uint8`, `image_uint8`,
+/// `decoder_in_place`) fuse every linear without `session.qdqisint8allowed`, i.e. their
+/// activations are uint8; the runtime runs them by default on the CPU, and they compute what
+/// the int8-activation graphs compute (the same grid, so equal up to float summation order).
+fn uint8_twins_are_the_cpu_graphs(out: &Path, table: &QuantTable, features: &[f32], logits: &[f32]) {
+    for (file, graph) in [("vision_uint8", "vision"), ("image_uint8", "image"), ("decoder_in_place", "decoder")] {
+        let linears: usize = table.tensors.iter().filter(|t| t.graph == graph).map(|t| t.consumers.len()).sum();
+        let scratch = tempfile::tempdir().unwrap();
+        let r = fusion_report(&out.join(format!("{file}.onnx")), scratch.path(), false).unwrap();
+        assert_eq!(r.integer_matmuls, linears, "{file}: every linear fused with uint8 activations: {r:?}");
+        assert!(!r.ops.contains_key("DequantizeLinear"), "{file}: {:?}", r.ops);
+    }
+    let (std_features, std_logits) = run_golden_on(out, DecoderChoice::Standard);
+    for (what, a, b) in [("video features", features, &std_features[..]), ("logits", logits, &std_logits[..])] {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);
+        let diff = max_abs_diff(a, b);
+        eprintln!("uint8 twins vs int8 graphs: {what} differ by at most {diff:.2e} (values up to {scale:.2})");
+        assert!(diff <= 1e-4 * scale, "{what}: the uint8 twins differ from the int8 graphs by {diff}");
     }
 }
 

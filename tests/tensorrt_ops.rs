@@ -9,6 +9,9 @@
 //! CPU and CUDA kernels over a shared KV buffer; under TensorRT the runtime picks `decoder.onnx`
 //! (`DecoderChoice`), so TensorRT never parses it. The test asserts that it is so (the checker
 //! reports that graph's `GroupQueryAttention`), so the exclusion cannot hide anything else.
+//! Nor an int8 engine's `vision_uint8.onnx` and `image_uint8.onnx`: the same graphs with uint8
+//! activation codes (zero point 128) for ONNX Runtime's x86 integer kernels, which the runtime
+//! never picks under TensorRT; the test asserts that their only findings are those codes.
 //!
 //! Known exceptions are data ([`KNOWN`]): each says what, where and why; a finding not listed
 //! fails, and so does a listed exception no graph shows any more.
@@ -146,6 +149,23 @@ fn every_graph_tensorrt_runs_parses_at_every_precision() {
                     }
                 }
                 eprintln!("{case} {precision} {graph}.onnx: {:?}; known exceptions {by_rule:?}", report.ops);
+            }
+            for twin in ["vision_uint8", "image_uint8"] {
+                let path = engine.join(format!("{twin}.onnx"));
+                if !path.exists() {
+                    continue;
+                }
+                let findings = check_file(&path).unwrap().findings;
+                assert!(!findings.is_empty(), "{case} {precision}: {twin}.onnx has uint8 activations");
+                assert!(
+                    findings.iter().all(|f| f.op == "QuantizeLinear" || f.op == "DequantizeLinear")
+                        && findings.iter().all(|f| match &f.violation {
+                            Violation::ElementType { dtype, .. } => dtype == "UINT8",
+                            v => v.kind().starts_with("zero-point"),
+                        }),
+                    "{case} {precision}: {twin}.onnx differs from its TensorRT form only in its uint8 codes and zero \
+                     points: {findings:?}"
+                );
             }
             let in_place = engine.join("decoder_in_place.onnx");
             if in_place.exists() {

@@ -123,7 +123,15 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
         let [vision, image, embed, decoder]: [(GraphEntry, Option<GraphEntry>); 4] =
             entries.try_into().map_err(|_| Error::Invalid("graph count mismatch".into()))?;
         let (decoder, decoder_in_place) = decoder;
-        let graphs = Graphs { vision: vision.0, image: image.0, embed: embed.0, decoder, decoder_in_place };
+        let graphs = Graphs {
+            vision: vision.0,
+            image: image.0,
+            embed: embed.0,
+            decoder,
+            decoder_in_place,
+            vision_uint8: vision.1,
+            image_uint8: image.1,
+        };
 
         let tokenizer_dst = tmp.path().join(TOKENIZER_FILE);
         let tokenizer_note = tokenizer_src.write_engine_file(&tokenizer_dst)?;
@@ -213,9 +221,11 @@ fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
-/// Writes graph `kind`; for the decoder with a concatenated cache, also its in-place twin
-/// (`GroupQueryAttention`, for ONNX Runtime's CPU and CUDA providers) on the same data file,
-/// so one engine directory serves every device and the weights are on disk once.
+/// Writes graph `kind` and, where the plan has one, its twin on the same data file (the
+/// weights are on disk once): for a decoder with a concatenated cache the in-place one
+/// (`GroupQueryAttention`, for ONNX Runtime's CPU and CUDA providers), and for int8 vision
+/// graphs the one with uint8 activation codes ([`Plan::uint8_twin`]), so one engine
+/// directory serves every device.
 fn write_graph(
     kind: GraphKind,
     ck: &Checkpoint,
@@ -225,27 +235,24 @@ fn write_graph(
 ) -> Result<(GraphEntry, Option<GraphEntry>)> {
     let data_file = format!("{}.onnx.data", kind.name());
     let data = ExternalData::create(&dir.join(&data_file))?;
-    let builder = |data: ExternalData| {
+    let builder = |data: ExternalData, numerics| {
         let mut b = GraphBuilder::new(kind.name(), data);
         b.set_progress(bar.clone());
-        b.set_numerics(plan.numerics(kind));
+        b.set_numerics(numerics);
         if let Some(params) = plan.quant_params(kind) {
             b.set_quant(params);
         }
         b
     };
-    let mut b = builder(data);
+    let mut b = builder(data, plan.numerics(kind));
     kind.build(&mut b, ck, plan.kv_layout())?;
-    let twin = kind == GraphKind::Decoder
-        && plan.kv_layout() == KvLayout::Concat
-        && decoder::in_place_supported(&ck.config.text).is_ok();
-    if !twin {
+    let Some((twin_file, twin_layout)) = twin(kind, ck, plan) else {
         let done = b.finish(env!("CARGO_PKG_VERSION"))?;
         return Ok((entry(dir, format!("{}.onnx", kind.name()), &done, &data_file)?, None));
-    }
+    };
     let (first, data) = b.finish_sharing(env!("CARGO_PKG_VERSION"));
-    let mut b = builder(data);
-    decoder::build(&mut b, ck, KvLayout::SharedBuffer)?;
+    let mut b = builder(data, plan.uint8_twin(kind).unwrap_or_else(|| plan.numerics(kind)));
+    kind.build(&mut b, ck, twin_layout)?;
     let second = b.finish(env!("CARGO_PKG_VERSION"))?;
     let shared = |g: FinishedGraph| FinishedGraph {
         data_bytes: second.data_bytes,
@@ -253,8 +260,21 @@ fn write_graph(
         ..g
     };
     let first = entry(dir, format!("{}.onnx", kind.name()), &shared(first), &data_file)?;
-    let second = entry(dir, IN_PLACE_DECODER_FILE.to_string(), &second, &data_file)?;
+    let second = entry(dir, twin_file, &second, &data_file)?;
     Ok((first, Some(second)))
+}
+
+/// The file and KV layout of graph `kind`'s twin, if the plan gives it one.
+fn twin(kind: GraphKind, ck: &Checkpoint, plan: &Plan) -> Option<(String, KvLayout)> {
+    match kind {
+        GraphKind::Decoder => (plan.kv_layout() == KvLayout::Concat
+            && decoder::in_place_supported(&ck.config.text).is_ok())
+        .then(|| (IN_PLACE_DECODER_FILE.to_string(), KvLayout::SharedBuffer)),
+        GraphKind::Vision | GraphKind::Image => {
+            plan.uint8_twin(kind).map(|_| (format!("{}_uint8.onnx", kind.name()), plan.kv_layout()))
+        }
+        GraphKind::Embed => None,
+    }
 }
 
 /// The in-place twin of `decoder.onnx` (its weights are in `decoder.onnx.data`).

@@ -63,6 +63,20 @@ impl Plan {
         }
     }
 
+    /// Numerics of the twin of graph `kind` that ONNX Runtime's own providers (CPU, CUDA) run,
+    /// where it differs from [`Self::numerics`]: a TensorRT-form int8 graph (int8 activation
+    /// codes, zero point 0) gets a twin with uint8 activation codes and zero point 128, the
+    /// same grid, which ONNX Runtime's x86 integer kernels run fast (its signed-activation
+    /// kernels are slow without AVX-VNNI-INT8). The twin reads the same weights.
+    pub fn uint8_twin(&self, kind: GraphKind) -> Option<Numerics> {
+        match self.numerics(kind) {
+            n @ Numerics { weights: WeightFormat::Int8Qdq { unsigned_act: false }, .. } => {
+                Some(Numerics { weights: WeightFormat::Int8Qdq { unsigned_act: true }, ..n })
+            }
+            _ => None,
+        }
+    }
+
     /// SmoothQuant factors and activation scales graph `kind` looks up, if calibrated.
     pub fn quant_params(&self, kind: GraphKind) -> Option<Arc<QuantParams>> {
         let c = self.calibration.as_ref()?;
@@ -188,8 +202,10 @@ impl Plan {
                         "explicit QDQ: QuantizeLinear/DequantizeLinear on each linear's input (int8 codes, zero point 0) \
                          and DequantizeLinear(axis 1) on its weight, before an fp32 MatMul (standard ONNX, TensorRT \
                          explicit quantization); ONNX Runtime's CPU provider fuses each into MatMulIntegerToFloat \
-                         (with session.qdqisint8allowed, which vl-runtime sets), but on x86 without AVX-VNNI-INT8 its \
-                         signed-activation kernels are slow: build with --target onnxruntime for CPU serving"
+                         (with session.qdqisint8allowed, which vl-runtime sets); for ONNX Runtime's own providers \
+                         (CPU, CUDA) vision_uint8.onnx, image_uint8.onnx and decoder_in_place.onnx read the same weights \
+                         with uint8 activation codes (zero point 128, the same grid), the fast path of its x86 integer \
+                         kernels, which the runtime picks on those devices"
                             .to_string()
                     },
                     "fp32: embeddings, patch convolution, norms, softmax, attention matmuls, residual stream, biases \

@@ -267,6 +267,14 @@ pub struct Graphs {
     /// TensorRT (standard operators); the runtime picks per device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decoder_in_place: Option<GraphEntry>,
+    /// `vision` with uint8 activation codes (zero point 128; `vision` has int8 ones with zero
+    /// point 0, the same grid), on `vision`'s weights file: what ONNX Runtime's providers run
+    /// of an int8 engine for TensorRT (its x86 integer kernels are fast on uint8 activations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision_uint8: Option<GraphEntry>,
+    /// `image`'s twin with uint8 activation codes, as `vision_uint8` is `vision`'s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_uint8: Option<GraphEntry>,
 }
 
 impl Graphs {
@@ -275,6 +283,8 @@ impl Graphs {
         let mut all =
             vec![("vision", &self.vision), ("image", &self.image), ("embed", &self.embed), ("decoder", &self.decoder)];
         all.extend(self.decoder_in_place.as_ref().map(|g| ("decoder_in_place", g)));
+        all.extend(self.vision_uint8.as_ref().map(|g| ("vision_uint8", g)));
+        all.extend(self.image_uint8.as_ref().map(|g| ("image_uint8", g)));
         all
     }
 }

@@ -57,7 +57,8 @@ pub enum DecoderChoice {
     /// standard-operator `decoder.onnx` under TensorRT or when it is the only one.
     #[default]
     Auto,
-    /// `decoder.onnx`, whatever the device.
+    /// `decoder.onnx` (and an int8 engine's `vision.onnx` and `image.onnx`, not their
+    /// uint8-activation twins), whatever the device: the graphs TensorRT runs.
     Standard,
     /// `decoder_in_place.onnx`; an error for an engine without one.
     InPlace,
@@ -85,6 +86,22 @@ fn pick_decoder(dir: &Path, manifest: &mut Manifest, choice: DecoderChoice, devi
         manifest.model.kv_layout = KvLayout::SharedBuffer;
     }
     Ok(())
+}
+
+/// Points `manifest.graphs.vision` and `image` at an int8 engine's uint8-activation twins
+/// where ONNX Runtime's own kernels run them (every device but TensorRT), unless `choice`
+/// asks for the standard graphs.
+fn pick_vision(manifest: &mut Manifest, choice: DecoderChoice, device: &Device) {
+    if choice == DecoderChoice::Standard || device.is_tensorrt() {
+        return;
+    }
+    let g = &mut manifest.graphs;
+    if let Some(v) = g.vision_uint8.clone() {
+        g.vision = v;
+    }
+    if let Some(i) = g.image_uint8.clone() {
+        g.image = i;
+    }
 }
 
 /// What a conversation is about.
@@ -185,6 +202,7 @@ impl Model {
         let mut options = options;
         options.session.device = resolved.device;
         pick_decoder(&dir, &mut manifest, options.decoder, &options.session.device)?;
+        pick_vision(&mut manifest, options.decoder, &options.session.device);
         let tok_path = dir.join(&manifest.tokenizer);
         let tokenizer =
             Tokenizer::from_file(&tok_path).map_err(|e| Error::Tokenizer(format!("{}: {e}", tok_path.display())))?;

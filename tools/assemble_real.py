@@ -223,6 +223,10 @@ def check(out: Path, gguf_path: Path, new_tokens: int) -> dict:
         and report["config_equal"]
         and not unequal
         and not missing
+        and not report["loading_problems"]
+        and report["text_logits_max_abs_diff_vs_source"] <= 1e-4
+        and report["numpy_video_features_max_abs_diff"] <= 1e-5
+        and report["processor_video_tokens"] == config["video_seq_length"]
     )
     return report, ok
 

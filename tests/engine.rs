@@ -10,19 +10,17 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use ndarray::Array5;
-use ndarray_npy::read_npy;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use vl_e2e::{built, built_for, fixture_dir, max_abs_diff, settled};
+use vl_e2e::batching::{
+    Outcome, alone, assert_same, batched_equals_alone, collect, greedy, joins_leaves_cancels_and_follow_ups,
+    randomized_schedule,
+};
+use vl_e2e::{built, built_for, fixture_video, settled};
 use vl_runtime::engine::{Done, Engine, EngineOptions, Event, FollowUp, Handle, Pace, Request, WhenFull};
 use vl_runtime::manifest::{KvLayout, Target};
 use vl_runtime::model::{DecoderChoice, Media, Model, ModelOptions};
-use vl_runtime::{Error, FinishReason, GenerateOptions};
-
-const TOLERANCE: f32 = 1e-4;
+use vl_runtime::{Error, FinishReason};
 
 fn pool_engine() -> &'static Path {
     &built_for("tiny", Some(Target::OnnxRuntime)).engine
@@ -37,18 +35,13 @@ fn model(dir: &Path) -> Arc<Model> {
     model_with(dir, DecoderChoice::Standard)
 }
 
+/// An engine with the default options.
+fn default_engine(model: Arc<Model>) -> Engine {
+    Engine::start(model, EngineOptions::default()).unwrap()
+}
+
 fn model_with(dir: &Path, decoder: DecoderChoice) -> Arc<Model> {
     Arc::new(Model::load(dir, ModelOptions { decoder, ..ModelOptions::default() }).unwrap())
-}
-
-fn video() -> Media {
-    static PIXELS: OnceLock<Arc<Array5<f32>>> = OnceLock::new();
-    let px = PIXELS.get_or_init(|| Arc::new(read_npy(fixture_dir("tiny").join("pixel_values_videos.npy")).unwrap()));
-    Media::VideoPixels(px.clone())
-}
-
-fn greedy(max_new_tokens: usize) -> GenerateOptions {
-    GenerateOptions { max_new_tokens, ignore_eos: true, ..GenerateOptions::default() }
 }
 
 /// The `i`-th request of a test: videos and texts, questions of different lengths.
@@ -60,7 +53,7 @@ fn request(i: usize, pace: Pace) -> Request {
         "Who?",
         "Tell me everything you see, in order, from the first frame to the last one.",
     ];
-    let media = if i % 3 == 2 { Media::Text } else { video() };
+    let media = if i % 3 == 2 { Media::Text } else { fixture_video() };
     Request {
         options: greedy(6 + (i * 5) % 17),
         pace,
@@ -69,64 +62,14 @@ fn request(i: usize, pace: Pace) -> Request {
     }
 }
 
-/// What one request produced.
-#[derive(Debug)]
-struct Outcome {
-    tokens: Vec<u32>,
-    logits: Vec<Vec<f32>>,
-    done: Done,
-}
-
-/// Reads a handle to its end (acking every token of a lockstep request).
-fn collect(handle: Handle) -> Outcome {
-    let (mut tokens, mut logits) = (Vec::new(), Vec::new());
-    loop {
-        match handle.recv().expect("the channel closed before Done") {
-            Event::Token { id: Some(id), logits: l, .. } => {
-                tokens.push(id);
-                logits.push(l.expect("logits were asked for"));
-                handle.ack();
-            }
-            Event::Token { id: None, .. } => {}
-            Event::Done(done) => return Outcome { tokens, logits, done },
-            Event::Failed(e) => panic!("request failed: {e}"),
-        }
-    }
-}
-
-fn alone(engine: &Engine, request: Request) -> Outcome {
-    collect(engine.submit(request).unwrap())
-}
-
-fn assert_same(label: &str, got: &Outcome, want: &Outcome) {
-    assert_eq!(got.tokens, want.tokens, "{label}: tokens differ from the request run alone");
-    for (step, (g, w)) in got.logits.iter().zip(&want.logits).enumerate() {
-        let d = max_abs_diff(g, w);
-        assert!(d <= TOLERANCE, "{label}: step {step} logits differ by {d} from the request run alone");
-    }
-}
-
-fn batched_equals_alone(model: Arc<Model>) {
-    let engine = Engine::start(model, EngineOptions::default()).unwrap();
-    let reference: Vec<Outcome> = (0..8).map(|i| alone(&engine, request(i, Pace::Free))).collect();
-    let handles: Vec<Handle> = (0..8).map(|i| engine.submit(request(i, Pace::Free)).unwrap()).collect();
-    for (i, h) in handles.into_iter().enumerate() {
-        assert_same(&format!("request {i}"), &collect(h), &reference[i]);
-    }
-    let stats = engine.stats();
-    if stats.batched {
-        assert!(stats.decode_rows > stats.decode_calls, "no decode call carried more than one sequence: {stats:?}");
-    }
-}
-
 #[test]
 fn batched_sequences_match_each_alone_in_place_decoder() {
-    batched_equals_alone(model(pool_engine()));
+    batched_equals_alone(&default_engine(model(pool_engine())), &request, 8);
 }
 
 #[test]
 fn batched_sequences_match_each_alone_standard_decoder() {
-    batched_equals_alone(model(concat_engine()));
+    batched_equals_alone(&default_engine(model(concat_engine())), &request, 8);
 }
 
 /// The default engine directory holds both decoders; on the CPU the engine runs its in-place
@@ -144,7 +87,7 @@ fn default_engine_runs_its_in_place_twin_batched_with_the_standard_decoders_answ
             &alone(&standard, request(i, Pace::Free)),
         );
     }
-    batched_equals_alone(model_with(concat_engine(), DecoderChoice::InPlace));
+    batched_equals_alone(&default_engine(model_with(concat_engine(), DecoderChoice::InPlace)), &request, 8);
 }
 
 /// KV slots allocated up front by the session's allocator (what a GPU gets, there in device
@@ -186,55 +129,7 @@ fn small_prefill_chunks_give_the_same_answers() {
 /// acks lockstep requests one token at a time, so the batch changes at known points.
 #[test]
 fn joins_leaves_cancels_and_follow_ups_match_alone() {
-    let engine = Engine::start(model(pool_engine()), EngineOptions::default()).unwrap();
-    let keep = |i| Request { keep: true, ..request(i, Pace::Lockstep) };
-    let reference: Vec<Outcome> = (0..3).map(|i| alone(&engine, keep(i))).collect();
-    let a = engine.submit(keep(0)).unwrap();
-    let mut a_tokens = Vec::new();
-    // A decodes 3 tokens alone, then B joins, then C joins and is cancelled after 2 tokens.
-    let next = |h: &Handle, out: &mut Vec<u32>| loop {
-        match h.recv().unwrap() {
-            Event::Token { id: Some(id), .. } => {
-                out.push(id);
-                break true;
-            }
-            Event::Token { .. } => {}
-            Event::Done(_) => break false,
-            Event::Failed(e) => panic!("{e}"),
-        }
-    };
-    for _ in 0..3 {
-        assert!(next(&a, &mut a_tokens));
-        a.ack();
-    }
-    let b = engine.submit(keep(1)).unwrap();
-    let c = engine.submit(request(2, Pace::Lockstep)).unwrap();
-    let mut c_tokens = Vec::new();
-    for _ in 0..2 {
-        assert!(next(&c, &mut c_tokens));
-        c.ack();
-    }
-    c.cancel();
-    let a_rest = collect(a);
-    let b_out = collect(b);
-    a_tokens.extend(a_rest.tokens);
-    assert_eq!(a_tokens, reference[0].tokens, "A, joined by B and C, differs from A alone");
-    assert_same("B", &b_out, &reference[1]);
-    assert_eq!(c_tokens, reference[2].tokens[..2], "C before its cancel differs from C alone");
-    // Follow-ups of A and B, batched together, equal the same follow-ups of the runs alone.
-    let follow = |h: &Done| FollowUp {
-        conversation: h.conversation.unwrap(),
-        question: "And then?".into(),
-        options: greedy(7),
-        pace: Pace::Free,
-        logits: true,
-    };
-    let a2_ref = collect(engine.follow_up(follow(&reference[0].done)).unwrap());
-    let b2_ref = collect(engine.follow_up(follow(&reference[1].done)).unwrap());
-    let a2 = engine.follow_up(follow(&a_rest.done)).unwrap();
-    let b2 = engine.follow_up(follow(&b_out.done)).unwrap();
-    assert_same("A's follow-up", &collect(a2), &a2_ref);
-    assert_same("B's follow-up", &collect(b2), &b2_ref);
+    joins_leaves_cancels_and_follow_ups(&default_engine(model(pool_engine())), &request);
 }
 
 /// Requests arrive, advance and cancel in an order drawn from a fixed seed.
@@ -242,48 +137,7 @@ fn joins_leaves_cancels_and_follow_ups_match_alone() {
 fn randomized_schedule_matches_alone() {
     let engine =
         Engine::start(model(pool_engine()), EngineOptions { max_active: 4, slots: 6, ..Default::default() }).unwrap();
-    let n = 14;
-    let reference: Vec<Outcome> = (0..n).map(|i| alone(&engine, request(i, Pace::Free))).collect();
-    let mut rng = StdRng::seed_from_u64(7);
-    let mut pending: Vec<usize> = (0..n).collect();
-    let mut live: Vec<(usize, Handle, Vec<u32>, bool)> = Vec::new();
-    let mut cancelled = 0;
-    while !pending.is_empty() || !live.is_empty() {
-        if !pending.is_empty() && (live.is_empty() || rng.random_bool(0.3)) {
-            let i = pending.remove(0);
-            live.push((i, engine.submit(request(i, Pace::Lockstep)).unwrap(), Vec::new(), false));
-            continue;
-        }
-        let k = rng.random_range(0..live.len());
-        let (i, h, tokens, asked_cancel) = &mut live[k];
-        if !*asked_cancel && rng.random_bool(0.05) {
-            h.cancel();
-            *asked_cancel = true;
-            cancelled += 1;
-        }
-        // Never block on one request: it may wait for room that only the others' acks free.
-        let Some(event) = h.try_recv() else {
-            std::thread::sleep(std::time::Duration::from_micros(200));
-            continue;
-        };
-        match event {
-            Event::Token { id: Some(id), .. } => {
-                tokens.push(id);
-                h.ack();
-            }
-            Event::Token { .. } => {}
-            Event::Done(done) => {
-                let want = &reference[*i].tokens;
-                if done.answer.finish == FinishReason::Cancelled {
-                    assert_eq!(tokens[..], want[..tokens.len()], "request {i} (cancelled) diverged from alone");
-                } else {
-                    assert_eq!(tokens, want, "request {i} differs from alone");
-                }
-                live.remove(k);
-            }
-            Event::Failed(e) => panic!("request {i}: {e}"),
-        }
-    }
+    let cancelled = randomized_schedule(&engine, &request, 14, 7);
     assert!(cancelled > 0, "the seed drew no cancellation");
 }
 

@@ -3,6 +3,9 @@
 //! package of the workspace; only tests depend on it (`vl-run`'s CLI tests included).
 #![allow(clippy::unwrap_used)]
 
+pub mod batching;
+pub mod real;
+
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -26,6 +29,16 @@ pub fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
+/// The `tiny` fixture's video pixels (8 frames of 56 px, tests/fixtures/tiny/pixel_values_videos.npy),
+/// read once: what every engine with the tiny vision tower (the real-weight one too) can take.
+pub fn fixture_video() -> vl_runtime::model::Media {
+    static PIXELS: OnceLock<std::sync::Arc<ndarray::Array5<f32>>> = OnceLock::new();
+    let px = PIXELS.get_or_init(|| {
+        std::sync::Arc::new(ndarray_npy::read_npy(fixture_dir("tiny").join("pixel_values_videos.npy")).unwrap())
+    });
+    vl_runtime::model::Media::VideoPixels(px.clone())
+}
+
 /// A checkpoint and its exported engine, in a directory that lives as long as the process.
 pub struct Built {
     /// Checkpoint directory.
@@ -36,7 +49,7 @@ pub struct Built {
 
 /// A per-process directory under `$TMPDIR/vl-e2e/`. Statics are never dropped, so each test
 /// process removes the directories of earlier processes that are no longer running.
-fn scratch() -> &'static Path {
+pub(crate) fn scratch() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let root = std::env::temp_dir().join("vl-e2e");

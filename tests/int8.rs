@@ -265,3 +265,52 @@ fn streamed_calibration_equals_whole_graph_calibration() {
         assert_same_table(&streamed.table, &whole.table, 1e-5);
     }
 }
+
+/// `keep_float_layers: 1`: the scan measures every decoder block (the last one with the head),
+/// keeps the one int8 changes most in float, and the built graph has exactly the other
+/// linears as integer matmuls; the manifest says what the scan kept.
+#[test]
+fn the_sensitivity_scan_keeps_the_most_changed_layer_in_float() {
+    let base = built("tiny");
+    let ck = Checkpoint::open(&base.checkpoint).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plain = calibrate(&ck, &spec_in(dir.path(), "")).unwrap();
+    assert!(plain.table.sensitivity.is_empty());
+    let scanned = calibrate(&ck, &spec_in(dir.path(), "keep_float_layers: 1\n")).unwrap();
+    assert!(!scanned.reused, "the scan is part of the key");
+    let blocks = &scanned.table.sensitivity;
+    let layers = ck.config.text.layers;
+    assert_eq!(blocks.len(), layers, "{blocks:?}");
+    for (i, b) in blocks.iter().enumerate() {
+        assert_eq!((b.first_layer, b.end_layer, b.head), (i, i + 1, i + 1 == layers));
+        assert!(b.error.is_finite() && b.error > 0.0 && b.error < 1.0, "{b:?}");
+    }
+    let kept: Vec<_> = blocks.iter().filter(|b| b.kept_float).collect();
+    assert_eq!(kept.len(), 1);
+    assert!(blocks.iter().all(|b| b.error <= kept[0].error), "{blocks:?}");
+    let prefix = format!("layers.{}.", kept[0].first_layer);
+    let table = &scanned.table;
+    let decoder_linears: Vec<&String> =
+        table.tensors.iter().filter(|t| t.graph == "decoder").flat_map(|t| &t.consumers).collect();
+    for c in &decoder_linears {
+        let in_block = c.contains(&prefix) || (kept[0].head && c.contains("lm_head"));
+        assert_eq!(table.excluded.contains(*c), in_block, "{c}: kept in float iff in the kept block");
+    }
+    assert_eq!(plain.table.excluded.len(), 0);
+
+    let out = dir.path().join("int8-scanned");
+    let opts = BuildOptions {
+        precision: Precision::Int8,
+        calib: Some(spec_in(dir.path(), "keep_float_layers: 1\n")),
+        ..BuildOptions::new(base.checkpoint.clone(), out.clone())
+    };
+    let report = build(&opts).unwrap();
+    let note = report.manifest.numerics.iter().find(|n| n.starts_with("sensitivity scan")).unwrap();
+    assert!(note.contains(&format!("layer {}", kept[0].first_layer)), "{note}");
+    let scratch = tempfile::tempdir().unwrap();
+    let r = fusion_report(&out.join("decoder_in_place.onnx"), scratch.path(), false).unwrap();
+    let quantized = decoder_linears.iter().filter(|c| !table.excluded.contains(**c)).count();
+    assert_eq!(r.integer_matmuls, quantized, "{r:?}");
+    let (_, logits) = run_golden(&out);
+    assert!(logits.iter().all(|v| v.is_finite()));
+}

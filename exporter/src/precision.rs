@@ -159,7 +159,36 @@ impl Plan {
         let shown: Vec<&str> = t.excluded.iter().take(8).map(String::as_str).collect();
         let more = t.excluded.len().saturating_sub(shown.len());
         let more = if more > 0 { format!(" and {more} more") } else { String::new() };
-        Some(format!("kept in fp32 (calibration spec's exclusions): {}{more}", shown.join(", ")))
+        Some(format!("kept in fp32 (calibration spec's exclusions and sensitivity scan): {}{more}", shown.join(", ")))
+    }
+
+    fn sensitivity_note(&self) -> Option<String> {
+        let t = &self.calibration.as_ref()?.table;
+        if t.sensitivity.is_empty() {
+            return None;
+        }
+        let mut errors: Vec<f64> = t.sensitivity.iter().map(|b| b.error).collect();
+        errors.sort_by(f64::total_cmp);
+        let median = errors[errors.len() / 2];
+        let kept: Vec<String> = t
+            .sensitivity
+            .iter()
+            .filter(|b| b.kept_float)
+            .map(|b| {
+                let head = if b.head { " and the head" } else { "" };
+                let layers = if b.end_layer == b.first_layer + 1 {
+                    format!("layer {}", b.first_layer)
+                } else {
+                    format!("layers {}..{}", b.first_layer, b.end_layer)
+                };
+                format!("{layers}{head} ({:.2e})", b.error)
+            })
+            .collect();
+        Some(format!(
+            "sensitivity scan (each decoder block run again in int8 on the calibration set; relative change of \
+             its output, median {median:.2e}): kept in fp32 {}",
+            if kept.is_empty() { "none".to_string() } else { kept.join(", ") }
+        ))
     }
 
     /// Lines for the manifest's `numerics`.
@@ -213,6 +242,7 @@ impl Plan {
                         .to_string(),
                 ];
                 notes.extend(self.excluded_note());
+                notes.extend(self.sensitivity_note());
                 notes.extend(self.smoothing_note());
                 notes.extend(self.calibration_note());
                 notes

@@ -203,6 +203,7 @@ impl CalibArgs {
             CalibMethodArg::Max => Method::Max,
             CalibMethodArg::Percentile => Method::Percentile(self.calib_percentile),
             CalibMethodArg::Entropy => Method::Entropy,
+            CalibMethodArg::Mse => Method::Mse,
         });
         Some(CalibOptions {
             spec: self.calib,
@@ -222,6 +223,7 @@ enum CalibMethodArg {
     Max,
     Percentile,
     Entropy,
+    Mse,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

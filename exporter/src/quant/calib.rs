@@ -42,6 +42,8 @@ struct RawSpec {
     trt_cache_version: u32,
     #[serde(default)]
     exclude: Vec<String>,
+    #[serde(default)]
+    keep_float_layers: usize,
 }
 
 fn default_samples() -> usize {
@@ -67,6 +69,7 @@ enum RawMethod {
     Max,
     Percentile,
     Entropy,
+    Mse,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +123,8 @@ pub struct CalibSpec {
     pub trt_version: u32,
     /// Linears whose weight name contains one of these stay in float.
     pub exclude: Vec<String>,
+    /// Decoder layers kept in float by the sensitivity scan (0: no scan).
+    pub keep_float_layers: usize,
 }
 
 impl CalibSpec {
@@ -143,6 +148,7 @@ impl CalibSpec {
         let method = match raw.method {
             RawMethod::Max => Method::Max,
             RawMethod::Entropy => Method::Entropy,
+            RawMethod::Mse => Method::Mse,
             RawMethod::Percentile if raw.percentile > 0.0 && raw.percentile <= 100.0 => {
                 Method::Percentile(raw.percentile)
             }
@@ -190,6 +196,7 @@ impl CalibSpec {
             texts: raw.texts,
             trt_version: raw.trt_cache_version,
             exclude: raw.exclude,
+            keep_float_layers: raw.keep_float_layers,
         })
     }
 
@@ -219,6 +226,9 @@ impl CalibSpec {
         }
         for e in &self.exclude {
             let _ = writeln!(s, "exclude {e:?}");
+        }
+        if self.keep_float_layers > 0 {
+            let _ = writeln!(s, "keep_float_layers {}", self.keep_float_layers);
         }
         s
     }

@@ -20,7 +20,7 @@
 //!
 //! The result is keyed by a hash of the spec, its media and the checkpoint, and saved as JSON
 //! and TensorRT caches; a later build with the same key reuses it.
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,21 +34,22 @@ use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, Sess
 use ort::value::{Tensor, TensorRef};
 use sha2::{Digest, Sha256};
 use vl_runtime::generate::features_2d;
-use vl_runtime::manifest::{ChatTemplate, KvLayout, Preprocess, SpecialTokens};
+use vl_runtime::manifest::{ChatTemplate, DType, KvLayout, Preprocess, SpecialTokens};
 use vl_runtime::prompt::{PromptBuilder, VisualSlot};
 use vl_runtime::video::{FrameSampling, load_image, load_video};
 
 use super::calib::{CalibSpec, MediaSource, check_alpha, materialize};
+use super::sensitivity;
 use super::smooth;
 use super::stats::{self, Histogram, Method};
 use super::stream;
-use super::table::{self, FORMAT, FoldKind, QuantTable, SmoothEntry, TensorEntry};
+use super::table::{self, BlockSensitivity, FORMAT, FoldKind, QuantTable, SmoothEntry, TensorEntry};
 use crate::checkpoint::{Checkpoint, TextConfig};
 use crate::contract::MediaContract;
 use crate::error::{Error, Result};
 use crate::graphs::GraphKind;
 use crate::graphs::decoder::{self, Part};
-use crate::onnx::{ExternalData, GraphBuilder, SmoothSource, Tap};
+use crate::onnx::{ExternalData, GraphBuilder, Numerics, SmoothSource, Tap, WeightFormat};
 use crate::staging;
 
 /// How to calibrate.
@@ -215,6 +216,7 @@ struct CalibGraph {
 }
 
 /// What is known of one recorded tensor.
+#[derive(Clone)]
 struct TapStats {
     /// Per-channel maximum magnitude (pass 1).
     amax: Vec<f32>,
@@ -262,13 +264,16 @@ impl CalibGraph {
         name: &str,
         dir: &Path,
         threads: Option<usize>,
+        taps: bool,
         build: impl FnOnce(&mut GraphBuilder) -> Result<()>,
     ) -> Result<Self> {
         let file = dir.join(format!("{name}.onnx"));
         let data_file = dir.join(format!("{name}.onnx.data"));
         let data = ExternalData::create(&data_file)?;
         let mut b = GraphBuilder::new(name, data);
-        b.enable_taps();
+        if taps {
+            b.enable_taps();
+        }
         build(&mut b)?;
         let done = b.finish(env!("CARGO_PKG_VERSION"))?;
         std::fs::write(&file, &done.model_bytes).map_err(|e| Error::io(&file, e))?;
@@ -341,6 +346,18 @@ impl CalibGraph {
             }
             None => Ok(None),
         }
+    }
+
+    /// Runs `inputs` for `output` alone (no statistics are taken).
+    fn output(
+        &mut self,
+        inputs: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)>,
+        output: &str,
+    ) -> Result<Vec<f32>> {
+        let select = ort(RunOptions::new())?.with_outputs(OutputSelector::no_default().with(output));
+        let outputs = ort(self.session.run_with_options(inputs, &select))?;
+        let (_, values) = ort(outputs[output].try_extract_tensor::<f32>())?;
+        Ok(values.to_vec())
     }
 
     /// Closes the session and removes the graph's files; returns its taps and statistics.
@@ -441,17 +458,28 @@ impl Sample {
         pass: Pass,
         out: bool,
     ) -> Result<Option<Vec<f32>>> {
+        let output = (out && !part.head).then_some("hidden_states");
+        Ok(g.run(self.inputs(t, part, x)?, pass, output)?.map(|(_, v)| v))
+    }
+
+    /// The inputs of the decoder `part` for this sample's hidden states `x`.
+    fn inputs<'a>(
+        &self,
+        t: &TextConfig,
+        part: &Part,
+        x: &'a [f32],
+    ) -> Result<Vec<(std::borrow::Cow<'a, str>, SessionInputValue<'a>)>> {
         let n = self.ids.len();
         let mask = vec![1i64; n];
         let positions: Vec<i64> = (0..n as i64).collect();
-        let keep = [self.keep as i64];
-        let mut inputs: Vec<(std::borrow::Cow<'_, str>, SessionInputValue<'_>)> = vec![
+        let keep = vec![self.keep as i64];
+        let mut inputs: Vec<(std::borrow::Cow<'a, str>, SessionInputValue<'a>)> = vec![
             ("inputs_embeds".into(), ort(TensorRef::from_array_view(([1usize, n, t.hidden], x)))?.into()),
-            ("attention_mask".into(), ort(TensorRef::from_array_view(([1usize, n], mask.as_slice())))?.into()),
-            ("position_ids".into(), ort(TensorRef::from_array_view(([1usize, n], positions.as_slice())))?.into()),
+            ("attention_mask".into(), ort(Tensor::from_array(([1usize, n], mask)))?.into_dyn().into()),
+            ("position_ids".into(), ort(Tensor::from_array(([1usize, n], positions)))?.into_dyn().into()),
         ];
         if part.head {
-            inputs.push(("logits_to_keep".into(), ort(TensorRef::from_array_view(([1usize], &keep[..])))?.into()));
+            inputs.push(("logits_to_keep".into(), ort(Tensor::from_array(([1usize], keep)))?.into_dyn().into()));
         }
         for layer in part.layers.clone() {
             for kv in ["key", "value"] {
@@ -459,8 +487,7 @@ impl Sample {
                 inputs.push((format!("past_key_values.{layer}.{kv}").into(), empty.into_dyn().into()));
             }
         }
-        let output = (out && !part.head).then_some("hidden_states");
-        Ok(g.run(inputs, pass, output)?.map(|(_, v)| v))
+        Ok(inputs)
     }
 }
 
@@ -588,6 +615,9 @@ struct GraphStats {
     taps: Vec<(Tap, TapStats)>,
 }
 
+/// A decoder block's sensitivity and the weight names of its linears.
+type ScannedBlock = (BlockSensitivity, Vec<String>);
+
 /// The running calibration: its scratch directory and what it has measured.
 struct Run<'a> {
     ck: &'a Checkpoint,
@@ -615,7 +645,7 @@ impl Run<'_> {
     fn open(&mut self, name: &str, build: impl FnOnce(&mut GraphBuilder) -> Result<()>) -> Result<CalibGraph> {
         self.bar.set_message(format!("building {name}"));
         self.block_started = Instant::now();
-        let g = CalibGraph::new(name, self.dir, self.opts.threads, build)?;
+        let g = CalibGraph::new(name, self.dir, self.opts.threads, true, build)?;
         self.blocks += 1;
         self.note_scratch();
         Ok(g)
@@ -662,11 +692,17 @@ impl Run<'_> {
     }
 
     /// Runs the language-model samples through the decoder block by block; returns the
-    /// statistics of the whole decoder's taps in its order.
-    fn decoder(&mut self, samples: &[Sample], features: &[Array2<f32>]) -> Result<GraphStats> {
+    /// statistics of the whole decoder's taps in its order, and the sensitivity scan's
+    /// measure of each block (when the spec asks for the scan).
+    fn decoder(&mut self, samples: &[Sample], features: &[Array2<f32>]) -> Result<(GraphStats, Vec<ScannedBlock>)> {
         let (ck, t) = (self.ck, &self.ck.config.text);
         let budget = self.opts.memory_budget.unwrap_or(stream::DEFAULT_MEMORY_BUDGET);
+        let scan = self.spec.keep_float_layers > 0;
+        // The scan keeps each block's inputs too: the budget is shared by the two stores.
+        let budget = if scan { budget / 2 } else { budget };
         let mut acts = stream::Activations::new(self.dir, samples.len(), budget);
+        let mut block_in = scan.then(|| stream::Activations::new(self.dir, samples.len(), budget));
+        let mut sensitivity = Vec::new();
         {
             let embed = ck.weights(&ck.roots.text_body).pp("embed_tokens").f32("weight", &[t.vocab, t.hidden])?;
             for (i, s) in samples.iter().enumerate() {
@@ -693,6 +729,9 @@ impl Run<'_> {
                         s.ids.len()
                     ));
                     let x = acts.take(i)?;
+                    if let (true, Some(inputs)) = (advance, block_in.as_mut()) {
+                        inputs.put(i, x.clone())?;
+                    }
                     let next = s.run(&mut g, t, &part, &x, pass, advance)?;
                     acts.put(i, next.unwrap_or(x))?;
                     self.note_scratch();
@@ -707,13 +746,25 @@ impl Run<'_> {
                     }
                 }
             }
+            if let Some(inputs) = block_in.as_mut() {
+                let error = self.block_error(&mut g, &part, samples, inputs, &mut acts)?;
+                let linears = g.taps.iter().flat_map(|t| t.consumers.iter().cloned()).collect();
+                let block = BlockSensitivity {
+                    first_layer: part.layers.start,
+                    end_layer: part.layers.end,
+                    head: part.head,
+                    error,
+                    kept_float: false,
+                };
+                sensitivity.push((block, linears));
+            }
             let (taps, stats) = self.close(&name, g)?;
             for (tap, st) in taps.into_iter().zip(stats) {
                 let first = tap.consumers.first().cloned().unwrap_or_default();
                 found.insert(first, (tap, st));
             }
         }
-        self.spilled = acts.spilled();
+        self.spilled = acts.spilled() + block_in.as_ref().map_or(0, stream::Activations::spilled);
         // The taps as the whole decoder names them (its structure alone, built without weights).
         let skeleton = self.dir.join("decoder-skeleton.onnx.data");
         let mut b = GraphBuilder::new("decoder", ExternalData::create(&skeleton)?);
@@ -742,7 +793,50 @@ impl Run<'_> {
         if let Some(extra) = found.keys().next() {
             return Err(Error::Invalid(format!("calibration: {extra} is in a decoder block but not in the decoder")));
         }
-        Ok(GraphStats { kind: GraphKind::Decoder, taps })
+        Ok((GraphStats { kind: GraphKind::Decoder, taps }, sensitivity))
+    }
+
+    /// The sensitivity of block `g` (see [`sensitivity`]): the block built again with its
+    /// linears in int8 as the statistics so far say, run on the inputs its fp32 run had
+    /// (`inputs`), against its fp32 outputs (`acts`, or the logits of `g` for the head block).
+    fn block_error(
+        &mut self,
+        g: &mut CalibGraph,
+        part: &Part,
+        samples: &[Sample],
+        inputs: &mut stream::Activations,
+        acts: &mut stream::Activations,
+    ) -> Result<f64> {
+        let (ck, t) = (self.ck, &self.ck.config.text);
+        let taps = g.taps.iter().cloned().zip(g.stats.iter().cloned()).collect();
+        let block = GraphStats { kind: GraphKind::Decoder, taps };
+        let params = Arc::new(table_of(ck, self.spec, String::new(), &[block], &[]).params("decoder", true));
+        let name = format!("decoder-{}-{}-int8", part.layers.start, part.layers.end);
+        self.bar.set_message(format!("sensitivity: {name}"));
+        let mut q = CalibGraph::new(&name, self.dir, self.opts.threads, false, |b| {
+            b.set_numerics(Numerics { act: DType::F32, weights: WeightFormat::Int8Qdq { unsigned_act: true } });
+            b.set_quant(params);
+            decoder::build_calibration_block(b, ck, part)
+        })?;
+        self.note_scratch();
+        let (output, width) = if part.head { ("logits", t.vocab) } else { ("hidden_states", t.hidden) };
+        let (mut sum, mut rows) = (0.0, 0);
+        for (i, s) in samples.iter().enumerate() {
+            let x = inputs.take(i)?;
+            let reference = if part.head {
+                g.output(s.inputs(t, part, &x)?, output)?
+            } else {
+                let r = acts.take(i)?;
+                acts.put(i, r.clone())?;
+                r
+            };
+            let quantized = q.output(s.inputs(t, part, &x)?, output)?;
+            let (e, n) = sensitivity::relative_error(&reference, &quantized, width);
+            sum += e;
+            rows += n;
+        }
+        q.close()?;
+        Ok(sum / rows.max(1) as f64)
     }
 }
 
@@ -794,7 +888,12 @@ fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> R
     media.extend((0..images.len()).map(|i| (videos.len() + i, false)));
     let features: Vec<Array2<f32>> = videos.into_iter().chain(images).collect();
     let list = samples(spec, ck, &media, &features, &template, &tokens)?;
-    let decoder = r.decoder(&list, &features)?;
+    let (decoder, mut scanned) = r.decoder(&list, &features)?;
+    let mut blocks: Vec<BlockSensitivity> = scanned.iter().map(|(b, _)| b.clone()).collect();
+    sensitivity::keep_most_sensitive(&mut blocks, spec.keep_float_layers);
+    for ((b, _), kept) in scanned.iter_mut().zip(&blocks) {
+        b.kept_float = kept.kept_float;
+    }
     r.bar.finish_and_clear();
     let report = CalibReport {
         elapsed: started.elapsed(),
@@ -803,11 +902,20 @@ fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> R
         peak_scratch_bytes: r.peak_scratch,
         spilled_bytes: r.spilled,
     };
-    Ok((table_of(ck, spec, key, &[vision, image, decoder]), report))
+    Ok((table_of(ck, spec, key, &[vision, image, decoder], &scanned), report))
 }
 
-/// The table of the statistics `graphs` hold.
-fn table_of(ck: &Checkpoint, spec: &CalibSpec, key: String, graphs: &[GraphStats]) -> QuantTable {
+/// The table of the statistics `graphs` hold, with the sensitivity scan's blocks (and the
+/// linears of each).
+fn table_of(
+    ck: &Checkpoint,
+    spec: &CalibSpec,
+    key: String,
+    graphs: &[GraphStats],
+    scanned: &[ScannedBlock],
+) -> QuantTable {
+    let kept: HashSet<&String> =
+        scanned.iter().filter(|(b, _)| b.kept_float).flat_map(|(_, linears)| linears.iter()).collect();
     let mut tensors = Vec::new();
     let mut smoothing = Vec::new();
     for g in graphs {
@@ -853,9 +961,10 @@ fn table_of(ck: &Checkpoint, spec: &CalibSpec, key: String, graphs: &[GraphStats
         excluded: tensors
             .iter()
             .flat_map(|t: &TensorEntry| &t.consumers)
-            .filter(|c| excluded(ck, &spec.exclude, c))
+            .filter(|c| excluded(ck, &spec.exclude, c) || kept.contains(c))
             .cloned()
             .collect(),
+        sensitivity: scanned.iter().map(|(b, _)| b.clone()).collect(),
         tensors,
         smoothing,
     }

@@ -94,9 +94,29 @@ pub struct QuantTable {
     pub tensors: Vec<TensorEntry>,
     /// The SmoothQuant factors.
     pub smoothing: Vec<SmoothEntry>,
-    /// Weight names of the linears kept in float (the spec's `exclude`).
+    /// Weight names of the linears kept in float (the spec's `exclude`, and the layers the
+    /// sensitivity scan keeps).
     #[serde(default)]
     pub excluded: Vec<String>,
+    /// The sensitivity scan's measure of each decoder block (empty: no scan).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sensitivity: Vec<BlockSensitivity>,
+}
+
+/// How much int8 changes one decoder block's output, on the calibration set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockSensitivity {
+    /// First layer of the block.
+    pub first_layer: usize,
+    /// One past its last layer.
+    pub end_layer: usize,
+    /// Whether the block ends with the output head (its output is then the logits).
+    pub head: bool,
+    /// Mean over positions of `|int8 output - fp32 output| / |fp32 output|` (L2 norms), the
+    /// block run on the fp32 model's inputs with the table's scales.
+    pub error: f64,
+    /// Whether the scan keeps the block's linears in float.
+    pub kept_float: bool,
 }
 
 impl QuantTable {
@@ -248,6 +268,7 @@ mod tests {
                 factors: vec![1.0, 2.0, 0.5, 1.0],
             }],
             excluded: Vec::new(),
+            sensitivity: Vec::new(),
         }
     }
 

@@ -180,3 +180,22 @@ pub fn randomized_schedule(engine: &Engine, requests: Requests, n: usize, seed: 
     }
     cancelled
 }
+
+/// Greedy requests that ask for no logits take the decoder's own `ArgMax` (`next_token`), one
+/// id per row instead of the vocabulary's logits: requests `0..n` submitted at once that way
+/// get the tokens they get with their logits, and the engine counts the rows it took so.
+pub fn argmax_rows_match_the_logits(engine: &Engine, requests: Requests, n: usize) {
+    let submit = |logits: bool| -> Vec<Handle> {
+        (0..n).map(|i| engine.submit(Request { logits, ..requests(i, Pace::Free) }).unwrap()).collect()
+    };
+    let before = crate::settled(engine).argmax_rows;
+    let with_logits: Vec<Outcome> = submit(true).into_iter().map(collect).collect();
+    assert_eq!(crate::settled(engine).argmax_rows, before, "rows that ask for logits are given logits");
+    for (i, h) in submit(false).into_iter().enumerate() {
+        let mut tokens = Vec::new();
+        while next_token(&h, &mut tokens) {}
+        assert_eq!(tokens, with_logits[i].tokens, "request {i}: the decoder's argmax chose other tokens");
+    }
+    let stats = crate::settled(engine);
+    assert!(stats.argmax_rows > before, "no decode row took the decoder's argmax: {stats:?}");
+}

@@ -13,8 +13,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vl_e2e::batching::{
-    Outcome, alone, assert_same, batched_equals_alone, collect, greedy, joins_leaves_cancels_and_follow_ups,
-    randomized_schedule,
+    Outcome, alone, argmax_rows_match_the_logits, assert_same, batched_equals_alone, collect, greedy,
+    joins_leaves_cancels_and_follow_ups, randomized_schedule,
 };
 use vl_e2e::{built, built_for, fixture_video, settled};
 use vl_runtime::engine::{Done, Engine, EngineOptions, Event, FollowUp, Handle, Pace, Request, WhenFull};
@@ -65,6 +65,11 @@ fn request(i: usize, pace: Pace) -> Request {
 #[test]
 fn batched_sequences_match_each_alone_in_place_decoder() {
     batched_equals_alone(&default_engine(model(pool_engine())), &request, 8);
+}
+
+#[test]
+fn greedy_rows_take_the_decoders_argmax_with_the_same_tokens() {
+    argmax_rows_match_the_logits(&default_engine(model(pool_engine())), &request, 6);
 }
 
 #[test]

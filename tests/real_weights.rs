@@ -14,7 +14,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use vl_e2e::batching::{batched_equals_alone, greedy, joins_leaves_cancels_and_follow_ups, randomized_schedule};
+use vl_e2e::batching::{
+    argmax_rows_match_the_logits, batched_equals_alone, greedy, joins_leaves_cancels_and_follow_ups,
+    randomized_schedule,
+};
 use vl_e2e::fixture_video;
 use vl_e2e::real::real_weights;
 use vl_runtime::GenerateOptions;
@@ -72,6 +75,12 @@ fn batched_text_and_video_requests_match_each_alone() {
     let engine = Engine::start(model(), EngineOptions::default()).unwrap();
     batched_equals_alone(&engine, &request, 6);
     assert!(engine.stats().batched, "the default engine does not batch on the CPU: {:?}", engine.stats());
+}
+
+#[test]
+fn greedy_rows_take_the_decoders_argmax_with_the_same_tokens() {
+    let engine = Engine::start(model(), EngineOptions::default()).unwrap();
+    argmax_rows_match_the_logits(&engine, &request, 6);
 }
 
 #[test]

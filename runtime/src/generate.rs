@@ -279,6 +279,24 @@ impl Decoding {
         emit: &mut dyn FnMut(TokenEvent<'_>) -> Flow,
     ) -> Result<Next> {
         let id = self.sampler.sample_answer(logits, history, &self.ids);
+        self.step_chosen(tokenizer, id, emit)
+    }
+
+    /// Whether the next token is the logits' argmax as they come (see
+    /// [`Sampler::takes_argmax`]): the decoder's `next_token` output can be fed to
+    /// [`Self::step_chosen`] instead of its logits to [`Self::step`].
+    pub fn takes_argmax(&self) -> bool {
+        self.sampler.takes_argmax()
+    }
+
+    /// [`Self::step`] with the token already chosen (the decoder's `next_token` output, when
+    /// [`Self::takes_argmax`]).
+    pub fn step_chosen(
+        &mut self,
+        tokenizer: &Tokenizer,
+        id: u32,
+        emit: &mut dyn FnMut(TokenEvent<'_>) -> Flow,
+    ) -> Result<Next> {
         if self.ids.is_empty() {
             self.timings.time_to_first_token_ms = ms(self.started.elapsed());
         }

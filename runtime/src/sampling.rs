@@ -153,6 +153,13 @@ impl Sampler {
 
     /// Like [`Self::sample`], with `answer` (the ids generated so far) for OpenAI's frequency
     /// and presence penalties, applied after the repetition penalty as vLLM does.
+    /// Whether the token this sampler picks is the logits' argmax as they come (greedy, no
+    /// penalty), so that a decoder's own `ArgMax` output can stand for the logits.
+    pub fn takes_argmax(&self) -> bool {
+        let p = &self.params;
+        p.is_greedy() && p.repetition_penalty == 1.0 && p.frequency_penalty == 0.0 && p.presence_penalty == 0.0
+    }
+
     pub fn sample_answer(&mut self, logits: &mut [f32], previous_tokens: &[u32], answer: &[u32]) -> u32 {
         nan_to_neg_inf(logits);
         if self.params.repetition_penalty != 1.0 {

@@ -94,6 +94,9 @@ pub struct EngineStats {
     pub decode_rows: u64,
     /// Prompt tokens prefilled.
     pub prefill_tokens: u64,
+    /// Decode rows whose token came from the decoder's `next_token` (its `ArgMax`; every row
+    /// of the call greedy, no logits asked for) instead of its logits.
+    pub argmax_rows: u64,
     /// Idle conversations evicted to make room.
     pub evictions: u64,
     /// KV bytes held or reserved by sequences prefilling or decoding (the rest of

@@ -182,14 +182,15 @@ impl SlotPool {
         first: usize,
         rows: &[DecodeRow],
         embeds: Tensor<f32>,
-    ) -> Result<Vec<f32>> {
+        fetch: Fetch,
+    ) -> Result<Fetched> {
         let width = rows.iter().map(|r| r.held() + 1).max().unwrap_or(1);
         let mut mask = vec![0i64; rows.len() * width];
         for (r, row) in rows.iter().enumerate() {
             mask[r * width..r * width + row.held() + 1].fill(1);
         }
         let mask = Tensor::from_array(([rows.len(), width], mask))?;
-        self.run(session, first, rows.len(), embeds, mask)
+        self.run(session, first, rows.len(), embeds, mask, fetch)
     }
 
     /// Runs one prefill chunk of slot `slot`, which holds `held` positions: `embeds` is
@@ -203,7 +204,10 @@ impl SlotPool {
     ) -> Result<Vec<f32>> {
         let total = held + embeds.shape()[1] as usize;
         let mask = Tensor::from_array(([1usize, total], vec![1i64; total]))?;
-        self.run(session, slot, 1, embeds, mask)
+        match self.run(session, slot, 1, embeds, mask, Fetch::Logits)? {
+            Fetched::Logits(logits) => Ok(logits),
+            Fetched::Tokens(_) => Err(Error::Request("a prefill chunk brought back tokens, not logits".into())),
+        }
     }
 
     fn run(
@@ -213,7 +217,8 @@ impl SlotPool {
         rows: usize,
         embeds: Tensor<f32>,
         mask: Tensor<i64>,
-    ) -> Result<Vec<f32>> {
+        fetch: Fetch,
+    ) -> Result<Fetched> {
         let written = mask.shape()[1] as usize;
         if first + rows > self.slots || written > self.positions {
             return Err(Error::Request(format!(
@@ -249,15 +254,37 @@ impl SlotPool {
         binding.bind_input("attention_mask", &mask)?;
         let keep = Tensor::<i64>::from_array(([1usize], vec![1]))?;
         binding.bind_input("logits_to_keep", &keep)?;
-        binding.bind_output_to_device("logits", &MemoryInfo::default())?;
+        let name = match fetch {
+            Fetch::Logits => "logits",
+            Fetch::NextToken => "next_token",
+        };
+        binding.bind_output_to_device(name, &MemoryInfo::default())?;
         let outputs = session.run_binding(&binding)?;
-        let (_, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
-        let logits = logits.to_vec();
+        let fetched = match fetch {
+            Fetch::Logits => Fetched::Logits(outputs[name].try_extract_tensor::<f32>()?.1.to_vec()),
+            Fetch::NextToken => Fetched::Tokens(outputs[name].try_extract_tensor::<i64>()?.1.to_vec()),
+        };
         drop(outputs);
         drop(binding);
         drop(views);
-        Ok(logits)
+        Ok(fetched)
     }
+}
+
+/// What a decode call brings back from the decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fetch {
+    /// Each row's last logits.
+    Logits,
+    /// Each row's argmax id (the decoder's `next_token` output): one id per row leaves the
+    /// device instead of the vocabulary's logits.
+    NextToken,
+}
+
+/// What a decode call brought back: `[rows * vocab]` logits or `[rows]` ids.
+pub(crate) enum Fetched {
+    Logits(Vec<f32>),
+    Tokens(Vec<i64>),
 }
 
 /// A tensor over `ptr` with `shape`, of the cache's element type.

@@ -15,7 +15,7 @@ use ndarray::{Array2, Array3, s};
 use ort::value::Tensor;
 
 use super::plan::{self, Idle, Room, SeqState};
-use super::pool::{DecodeRow, SlotPool};
+use super::pool::{DecodeRow, Fetch, Fetched, SlotPool};
 use super::prefix::{self, PrefixIndex};
 use super::request::{Control, ConversationId, Done, Event, Pace};
 use super::{EngineOptions, EngineStats, VisionJob, WhenFull};
@@ -122,6 +122,21 @@ impl Shared {
 }
 
 /// Where conversations keep their keys and values.
+/// One row of a decode call: its logits, or the decoder's argmax id.
+#[derive(Clone)]
+enum RowOut {
+    Logits(Vec<f32>),
+    Token(u32),
+}
+
+/// How a request's next token is chosen.
+enum Chosen {
+    /// By its sampler, from the logits.
+    Sample(Vec<f32>),
+    /// Already, by the decoder's `ArgMax`.
+    Argmax(u32),
+}
+
 enum Backend {
     /// Slots of the in-place decoder, batched.
     Pool(SlotPool),
@@ -220,6 +235,8 @@ pub(crate) struct Worker {
     stats: EngineStats,
     vision: Sender<VisionJob>,
     prefix: PrefixIndex,
+    /// Whether the decoder has the `next_token` output (engines exported before it do not).
+    next_token_output: bool,
 }
 
 /// The KV slots, where [`super::KvPlacement`] puts them.
@@ -257,6 +274,7 @@ impl Worker {
             KvLayout::SharedBuffer => Backend::Pool(slot_pool(&model, &dims, &options, context)?),
             KvLayout::Concat => Backend::PerSequence,
         };
+        let next_token_output = model.manifest().graphs.decoder.outputs.iter().any(|o| o.name == "next_token");
         let stats = EngineStats {
             kv_budget_bytes: budget_positions as u64 * bytes_per_position,
             batched: matches!(backend, Backend::Pool(_)),
@@ -278,6 +296,7 @@ impl Worker {
             stats,
             vision,
             prefix: PrefixIndex::default(),
+            next_token_output,
         })
     }
 
@@ -764,7 +783,13 @@ impl Worker {
                         conv.len += 1;
                         conv.history.push(id);
                     }
-                    self.sample(i, logits);
+                    match logits {
+                        RowOut::Logits(logits) => self.sample(i, logits),
+                        RowOut::Token(id) => {
+                            self.stats.argmax_rows += 1;
+                            self.take(i, id);
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -776,7 +801,7 @@ impl Worker {
         }
     }
 
-    fn decode_logits(&mut self, indices: &[usize]) -> Result<Vec<Vec<f32>>> {
+    fn decode_logits(&mut self, indices: &[usize]) -> Result<Vec<RowOut>> {
         let ids: Vec<u32> = indices
             .iter()
             .map(|&i| match self.running[i].phase {
@@ -792,7 +817,7 @@ impl Worker {
                 for (&i, &id) in indices.iter().zip(&ids) {
                     let conv = self.convs.get_mut(&self.running[i].conv).ok_or(Error::Conversation("lost"))?;
                     let kv = conv.kv.as_mut().ok_or(Error::Conversation("lost its cache"))?;
-                    out.push(lm.forward(kv, &[id], None)?);
+                    out.push(RowOut::Logits(lm.forward(kv, &[id], None)?));
                 }
                 Ok(out)
             }
@@ -806,7 +831,18 @@ impl Worker {
                 }
                 by_slot.sort_unstable();
                 let slots: Vec<usize> = by_slot.iter().map(|(s, _)| *s).collect();
-                let mut out = vec![Vec::new(); indices.len()];
+                // Every row greedy and no client asking for logits: the decoder's ArgMax stands
+                // for them.
+                let fetch = if self.next_token_output
+                    && indices
+                        .iter()
+                        .all(|&i| self.running[i].decoding.takes_argmax() && !self.running[i].client.logits)
+                {
+                    Fetch::NextToken
+                } else {
+                    Fetch::Logits
+                };
+                let mut out = vec![RowOut::Token(0); indices.len()];
                 let mut decoder = self.model.decoder().lock();
                 for run in plan::decode_runs(&slots) {
                     let mut rows = Vec::with_capacity(run.len());
@@ -824,9 +860,22 @@ impl Worker {
                             Err(_) => rows.push(DecodeRow::Idle { held }),
                         }
                     }
-                    let logits = pool.decode(&mut decoder, run.start, &rows, Tensor::from_array(batch)?)?;
-                    for (r, k) in members {
-                        out[k] = logits[r * vocab..(r + 1) * vocab].to_vec();
+                    match pool.decode(&mut decoder, run.start, &rows, Tensor::from_array(batch)?, fetch)? {
+                        Fetched::Logits(logits) => {
+                            for (r, k) in members {
+                                out[k] = RowOut::Logits(logits[r * vocab..(r + 1) * vocab].to_vec());
+                            }
+                        }
+                        Fetched::Tokens(ids) => {
+                            for (r, k) in members {
+                                let id = ids.get(r).copied().unwrap_or(-1);
+                                let id =
+                                    u32::try_from(id).ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
+                                        Error::Request(format!("the decoder chose token {id} of {vocab}"))
+                                    })?;
+                                out[k] = RowOut::Token(id);
+                            }
+                        }
                     }
                 }
                 Ok(out)
@@ -901,21 +950,38 @@ impl Worker {
     }
 
     /// Samples running request `i`'s next token from `logits` and streams it.
-    fn sample(&mut self, i: usize, mut logits: Vec<f32>) {
+    fn sample(&mut self, i: usize, logits: Vec<f32>) {
+        self.advance(i, Chosen::Sample(logits));
+    }
+
+    /// Streams `id`, the decoder's own argmax, as running request `i`'s next token.
+    fn take(&mut self, i: usize, id: u32) {
+        self.advance(i, Chosen::Argmax(id));
+    }
+
+    fn advance(&mut self, i: usize, chosen: Chosen) {
         let tokenizer = self.model.tokenizer();
         let r = &mut self.running[i];
         let Some(conv) = self.convs.get(&r.conv) else { return };
-        let mut copy = r.client.logits.then(|| logits.clone());
         let mut delivered = true;
         if r.client.pace == Pace::Lockstep {
             r.client.control.acked.store(false, Ordering::Release);
         }
         let events = &r.client.events;
-        let next = r.decoding.step(tokenizer, &mut logits, &conv.history, &mut |t| {
-            let event = Event::Token { id: t.id, text: t.text.to_string(), logits: copy.take() };
-            delivered = events.send(event).is_ok();
-            Flow::Continue
-        });
+        let next = match chosen {
+            Chosen::Sample(mut logits) => {
+                let mut copy = r.client.logits.then(|| logits.clone());
+                r.decoding.step(tokenizer, &mut logits, &conv.history, &mut |t| {
+                    let event = Event::Token { id: t.id, text: t.text.to_string(), logits: copy.take() };
+                    delivered = events.send(event).is_ok();
+                    Flow::Continue
+                })
+            }
+            Chosen::Argmax(id) => r.decoding.step_chosen(tokenizer, id, &mut |t| {
+                delivered = events.send(Event::Token { id: t.id, text: t.text.to_string(), logits: None }).is_ok();
+                Flow::Continue
+            }),
+        };
         match next {
             Ok(Next::Feed(id)) if delivered => {
                 r.phase = if r.client.pace == Pace::Lockstep { Phase::Waiting(id) } else { Phase::Ready(id) };

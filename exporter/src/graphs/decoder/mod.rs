@@ -17,7 +17,7 @@ use vl_runtime::manifest::{DType, Dim, KvLayout, TensorSpec};
 use super::nn::{LinearOpts, activation, linear, rms_norm, to_act, to_f32};
 use crate::checkpoint::{Activation, Checkpoint, TextConfig, Weights};
 use crate::error::Result;
-use crate::onnx::{GraphBuilder, Numerics, WeightFormat};
+use crate::onnx::{Attr, GraphBuilder, Numerics, WeightFormat};
 
 /// One attention variant: the inputs it adds, what all layers share, and one layer's attention.
 trait Attention {
@@ -200,6 +200,11 @@ fn build_part(b: &mut GraphBuilder, ck: &Checkpoint, attn: &mut dyn Attention, p
                     vec![sym("batch"), sym("logits_len"), Dim::Fixed(t.vocab as i64)],
                 ),
             );
+            // Greedy decoding reads this alone: one id per row leaves the device, not the
+            // vocabulary's logits (ties: the lowest id, as the runtime's own argmax).
+            // (`output` renamed the logits' tensor to its own name.)
+            let next = b.op("ArgMax", &["logits"], vec![("axis", Attr::Int(-1)), ("keepdims", Attr::Int(0))]);
+            b.output(&next, TensorSpec::new("next_token", DType::I64, vec![sym("batch"), sym("logits_len")]));
         }
         None => {
             let hidden = to_f32(b, &x);

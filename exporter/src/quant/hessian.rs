@@ -30,6 +30,11 @@ impl Hessian {
         Ok(())
     }
 
+    /// Channels.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
     /// Rows added so far.
     pub fn rows(&self) -> usize {
         self.rows

@@ -4,6 +4,7 @@
 pub mod calib;
 pub mod calibrate;
 pub mod fusion;
+pub mod gptq_codes;
 pub mod hessian;
 pub mod smooth;
 pub mod stats;

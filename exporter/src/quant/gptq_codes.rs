@@ -8,7 +8,7 @@
 //! buffers of the largest while it is factored, 1.9 GB), never the model's.
 //!
 //! The code directory lies beside the calibration table (same key: spec, media, checkpoint)
-//! and names the bits and block size; a build asking for the same reuses it (its `complete`
+//! and names GPTQ's version, the bits and the block size; a build asking for the same reuses it (its `complete`
 //! file says it was finished). One file per graph and weight: a 24-byte header (magic
 //! `VLGPTQ1\0`, n, k, bits, block as u32 LE) then the packed codes, the f32 scales and the
 //! packed zero points, in `MatMulNBits`' layout.
@@ -22,6 +22,8 @@ use crate::weight_codes::blocks::{BlockShape, QuantizedBlocks};
 use crate::weight_codes::gptq::{self, Factor};
 
 const MAGIC: &[u8; 8] = b"VLGPTQ1\0";
+/// Bumped when GPTQ's arithmetic or options change, so codes of an older one are not reused.
+const GPTQ_VERSION: u32 = 1;
 /// The file whose presence says the directory was completed.
 const COMPLETE: &str = "complete";
 
@@ -37,9 +39,16 @@ pub struct GptqRequest {
 }
 
 impl GptqRequest {
-    /// The directory's name beside the table `<base>.json`.
+    /// The directory's name beside the table `<base>.json`: the algorithm's version, bits
+    /// (linears, head) and block size.
     pub fn dir(&self, base: &Path) -> PathBuf {
-        PathBuf::from(format!("{}.gptq-w{}h{}-g{}", base.display(), self.bits, self.head_bits, self.block))
+        PathBuf::from(format!(
+            "{}.gptq{GPTQ_VERSION}-w{}h{}-g{}",
+            base.display(),
+            self.bits,
+            self.head_bits,
+            self.block
+        ))
     }
 }
 

@@ -3,8 +3,9 @@
 Follows IST-DASLab/gptq: `Quantizer.find_params(perchannel=True, sym=False)` (the range widened
 to include 0, scale = (max - min) / maxq, zero = round(-min / scale)) and `GPTQ.fasterquant`
 (H = 2/n X^T X, dead channels, 1% dampening, Cholesky of H^-1 upper, lazy batches of 128
-columns, a group's parameters found on `W[:, i:i+groupsize]` when it starts; no act-order,
-static_groups=False), in torch float64 on the CPU. The one deliberate difference: the scale is
+columns, a group's parameters found on `W[:, i:i+groupsize]` when it starts, static_groups=False,
+no act-order; and with actorder=True, static_groups=True: columns by decreasing diag(H), every
+group's parameters found on the original W first), in torch float64 on the CPU. The one deliberate difference: the scale is
 rounded to float32 before codes are taken (it is stored as float32 in the engine), as the Rust
 code does.
 
@@ -55,7 +56,7 @@ def rtn(W, group, maxq):
     return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
-def fasterquant(W, H, group, maxq):
+def fasterquant(W, H, group, maxq, actorder=False):
     W = W.clone()
     H = H.clone()
     rows, columns = W.shape
@@ -65,6 +66,17 @@ def fasterquant(W, H, group, maxq):
     codes = torch.zeros_like(W)
     scales = torch.zeros(rows, math.ceil(columns / group), dtype=W.dtype)
     zeros = torch.zeros_like(scales)
+    groups = []
+    if actorder:  # static_groups=True
+        for i in range(0, columns, group):
+            scale, zero = find_params(W[:, i:(i + group)], maxq)
+            groups.append((scale, zero))
+            scales[:, i // group] = scale
+            zeros[:, i // group] = zero
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        invperm = torch.argsort(perm)
     damp = PERCDAMP * torch.mean(torch.diag(H))
     diag = torch.arange(columns)
     H[diag, diag] += damp
@@ -82,7 +94,9 @@ def fasterquant(W, H, group, maxq):
         for i in range(count):
             w = W1[:, i]
             d = Hinv1[i, i]
-            if (i1 + i) % group == 0:
+            if actorder:
+                scale, zero = groups[perm[i1 + i] // group]
+            elif (i1 + i) % group == 0:
                 scale, zero = find_params(W[:, (i1 + i):(i1 + i + group)], maxq)
                 scales[:, (i1 + i) // group] = scale
                 zeros[:, (i1 + i) // group] = zero
@@ -92,6 +106,8 @@ def fasterquant(W, H, group, maxq):
             W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
             Err1[:, i] = err1
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    if actorder:
+        codes = codes[:, invperm]
     return codes, scales, zeros
 
 
@@ -119,7 +135,11 @@ def main():
     maxq = 2**BITS - 1
     lines = []
     for group in GROUPS:
-        for name, (codes, scales, zeros) in (("gptq", fasterquant(Wd, H, group, maxq)), ("rtn", rtn(Wd, group, maxq))):
+        for name, (codes, scales, zeros) in (
+            ("gptq", fasterquant(Wd, H, group, maxq)),
+            ("gptq_ao", fasterquant(Wd, H, group, maxq, actorder=True)),
+            ("rtn", rtn(Wd, group, maxq)),
+        ):
             np.save(os.path.join(args.out, f"{name}_g{group}_codes.npy"), codes.numpy().astype(np.uint8))
             np.save(os.path.join(args.out, f"{name}_g{group}_scales.npy"), scales.numpy().astype(np.float32))
             np.save(os.path.join(args.out, f"{name}_g{group}_zeros.npy"), zeros.numpy().astype(np.uint8))
@@ -131,7 +151,8 @@ def main():
         f.write("Made by `make gptq-goldens`:\n\n    .oracle/bin/python tools/gptq_reference.py --out tests/fixtures/gptq\n\n")
         f.write(f"torch {torch.__version__}, numpy {np.__version__}; float64 on the CPU; {BITS} bits, groups {GROUPS}.\n")
         f.write("Inputs: `w.npy` (48x256), `x.npy` (512x256, outlier channels 5, 77, 200; channel 130 zero), seed 0.\n")
-        f.write("Outputs: `{gptq,rtn}_g{32,128}_{codes,scales,zeros}.npy` (codes [48, 256], scales and zeros [48, 256/g]).\n\n")
+        f.write("Outputs: `{gptq,gptq_ao,rtn}_g{32,128}_{codes,scales,zeros}.npy` (codes [48, 256], scales and zeros\n")
+        f.write("[48, 256/g]); `gptq_ao` is GPTQ with actorder=True, static_groups=True.\n\n")
         f.write("Output error of each on X:\n\n" + "\n".join(lines) + "\n\nDo not edit by hand; regenerate.\n")
     print("\n".join(lines))
 

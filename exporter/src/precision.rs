@@ -19,9 +19,13 @@ pub enum WeightMethod {
     RtnSymmetric,
     /// Round to nearest on each block's asymmetric grid (a zero point per block), no calibration.
     RtnAsymmetric,
-    /// GPTQ on asymmetric grids, from the calibration set's Hessians (the default).
-    #[default]
+    /// GPTQ on asymmetric grids, from the calibration set's Hessians, columns left to right,
+    /// each group's grid fitted when it starts.
     Gptq,
+    /// GPTQ with act-order: columns in decreasing order of the Hessian's diagonal, each group's
+    /// grid fitted beforehand (static groups) (the default).
+    #[default]
+    GptqActOrder,
 }
 
 impl WeightMethod {
@@ -31,7 +35,13 @@ impl WeightMethod {
             WeightMethod::RtnSymmetric => "rtn-sym",
             WeightMethod::RtnAsymmetric => "rtn-asym",
             WeightMethod::Gptq => "gptq",
+            WeightMethod::GptqActOrder => "gptq-act-order",
         }
+    }
+
+    /// Whether it is GPTQ (which calibrates).
+    pub fn gptq(self) -> bool {
+        matches!(self, WeightMethod::Gptq | WeightMethod::GptqActOrder)
     }
 
     /// Whether blocks carry zero points.
@@ -78,14 +88,15 @@ impl Plan {
 
     /// Whether this plan needs a calibration before graphs are built.
     pub fn needs_calibration(&self) -> bool {
-        self.precision == Precision::Int8 || (self.weight_only() && self.method == WeightMethod::Gptq)
+        self.precision == Precision::Int8 || (self.weight_only() && self.method.gptq())
     }
 
     /// What GPTQ should produce during calibration, if this plan uses it.
     pub fn gptq_request(&self) -> Option<GptqRequest> {
-        (self.weight_only() && self.method == WeightMethod::Gptq).then(|| {
+        (self.weight_only() && self.method.gptq()).then(|| {
             let bits = if self.precision == Precision::Int8Weight { 8 } else { 4 };
-            GptqRequest { bits, head_bits: HEAD_BITS, block: self.block }
+            let act_order = self.method == WeightMethod::GptqActOrder;
+            GptqRequest { bits, head_bits: HEAD_BITS, block: self.block, act_order }
         })
     }
 
@@ -93,11 +104,11 @@ impl Plan {
     /// SmoothQuant factors alone (a check that smoothing leaves the model unchanged); the
     /// weight-only precisions take GPTQ's codes.
     pub fn with_calibration(mut self, calibration: Calibration) -> Result<Self> {
-        let gptq = self.weight_only() && self.method == WeightMethod::Gptq;
+        let gptq = self.weight_only() && self.method.gptq();
         if !(matches!(self.precision, Precision::Int8 | Precision::Fp32) || gptq) {
             return Err(Error::Invalid(format!(
                 "a calibration applies to --precision int8, to fp32 (to fold SmoothQuant alone) and to the \
-                 weight-only precisions with --weight-method gptq, not {} with {}",
+                 weight-only precisions with --weight-method gptq-act-order or gptq, not {} with {}",
                 self.precision,
                 self.method.label()
             )));
@@ -289,8 +300,14 @@ impl Plan {
                 let method = match self.method {
                     WeightMethod::Gptq => {
                         "codes by GPTQ (Frantar et al. 2022, as IST-DASLab's fasterquant: Hessians 2/n X^T X of each \
-                         linear's fp32 input over the calibration set, 1% dampening, lazy batches of 128 columns, no \
-                         act-order)"
+                         linear's fp32 input over the calibration set, 1% dampening, lazy batches of 128 columns, \
+                         columns in order, each group's grid fitted when it starts)"
+                    }
+                    WeightMethod::GptqActOrder => {
+                        "codes by GPTQ (Frantar et al. 2022, as IST-DASLab's fasterquant: Hessians 2/n X^T X of each \
+                         linear's fp32 input over the calibration set, 1% dampening, lazy batches of 128 columns, \
+                         act-order: columns by decreasing Hessian diagonal, static groups fitted on the original \
+                         weights)"
                     }
                     _ => "codes rounded to nearest",
                 };
@@ -306,7 +323,7 @@ impl Plan {
                     "embeddings, patch convolution, norms, softmax and the KV cache stay fp32".into(),
                     "target onnxruntime: runs on ONNX Runtime's CPU and CUDA providers, not TensorRT".into(),
                 ];
-                if self.method == WeightMethod::Gptq {
+                if self.method.gptq() {
                     notes.extend(self.calibration_note());
                 }
                 notes

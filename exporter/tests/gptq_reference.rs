@@ -1,4 +1,4 @@
-//! GPTQ and asymmetric round-to-nearest against the Python reference (tools/gptq_reference.py,
+//! GPTQ (with and without act-order) and asymmetric round-to-nearest against the Python reference (tools/gptq_reference.py,
 //! which follows IST-DASLab/gptq's `fasterquant` in torch float64): tests/fixtures/gptq, made
 //! by `make gptq-goldens` (see its README.md).
 #![allow(clippy::unwrap_used)]
@@ -73,7 +73,9 @@ fn gptq_and_asymmetric_rtn_match_the_reference_and_gptq_has_the_smaller_output_e
     h.add(&xs[..200 * k]).unwrap();
     h.add(&xs[200 * k..]).unwrap();
     assert_eq!(h.rows(), x.nrows());
-    let factor = Factor::new(h.finish(), k).unwrap();
+    let hessian = h.finish();
+    let factor = Factor::new(hessian.clone(), k, false).unwrap();
+    let act_order = Factor::new(hessian, k, true).unwrap();
     let ws = w.as_slice().unwrap();
     for group in [32usize, 128] {
         let s = BlockShape { n, k, bits: BITS, block: group };
@@ -92,10 +94,15 @@ fn gptq_and_asymmetric_rtn_match_the_reference_and_gptq_has_the_smaller_output_e
             g.max_code_diff
         );
         let (eg, er) = (output_error(&x, &w, &g_q), output_error(&x, &w, &rtn_q));
+        let (ao, ao_q) = compare(&gptq::quantize(ws, n, &act_order, BITS, group), s, "gptq_ao");
+        assert!(ao.equal >= 0.99 && ao.max_code_diff <= 1, "act-order g{group}: {:.4} equal", ao.equal);
+        let ea = output_error(&x, &w, &ao_q);
         eprintln!(
-            "group {group}: codes equal rtn {:.4} gptq {:.4}; ||XW^T - XQ^T|| gptq {eg:.4} rtn {er:.4}",
-            rtn.equal, g.equal
+            "group {group}: codes equal rtn {:.4} gptq {:.4} act-order {:.4}; ||XW^T - XQ^T|| rtn {er:.4} gptq {eg:.4} \
+             act-order {ea:.4}",
+            rtn.equal, g.equal, ao.equal
         );
         assert!(eg < 0.7 * er, "group {group}: GPTQ's output error {eg} is not well below RTN's {er}");
+        assert!(ea < 0.7 * er, "group {group}: act-order GPTQ's output error {ea} is not well below RTN's {er}");
     }
 }

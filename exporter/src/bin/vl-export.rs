@@ -38,7 +38,7 @@ enum Command {
         block_size: usize,
         /// How int8-weight and int4-weight make their codes: `gptq` calibrates first (the
         /// calibration set of --calib, default calib/default.yaml) and is the most accurate.
-        #[arg(long, value_enum, default_value_t = WeightMethodArg::Gptq)]
+        #[arg(long, value_enum, default_value_t = WeightMethodArg::GptqActOrder)]
         weight_method: WeightMethodArg,
         /// Runtime the graphs are written for (default: standard, or onnxruntime where the
         /// precision needs it). `onnxruntime` also writes the decoder with ONNX Runtime's
@@ -225,7 +225,11 @@ impl CalibArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum WeightMethodArg {
-    /// GPTQ on asymmetric blocks (zero points), from the calibration set's Hessians.
+    /// GPTQ with act-order (columns by decreasing Hessian diagonal, static groups), asymmetric
+    /// blocks (zero points), from the calibration set's Hessians.
+    #[value(name = "gptq-act-order")]
+    GptqActOrder,
+    /// GPTQ, columns in order.
     Gptq,
     /// Round to nearest on asymmetric blocks (zero points); no calibration.
     #[value(name = "rtn-asym")]
@@ -381,6 +385,7 @@ fn run() -> Result<()> {
                 block_size,
                 weight_method: match weight_method {
                     WeightMethodArg::Gptq => WeightMethod::Gptq,
+                    WeightMethodArg::GptqActOrder => WeightMethod::GptqActOrder,
                     WeightMethodArg::RtnAsym => WeightMethod::RtnAsymmetric,
                     WeightMethodArg::RtnSym => WeightMethod::RtnSymmetric,
                 },

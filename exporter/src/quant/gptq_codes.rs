@@ -36,6 +36,8 @@ pub struct GptqRequest {
     pub head_bits: u8,
     /// Columns per group (the `MatMulNBits` block).
     pub block: usize,
+    /// Columns in decreasing order of the Hessian's diagonal, with groups fitted beforehand.
+    pub act_order: bool,
 }
 
 impl GptqRequest {
@@ -43,11 +45,12 @@ impl GptqRequest {
     /// (linears, head) and block size.
     pub fn dir(&self, base: &Path) -> PathBuf {
         PathBuf::from(format!(
-            "{}.gptq{GPTQ_VERSION}-w{}h{}-g{}",
+            "{}.gptq{GPTQ_VERSION}-w{}h{}-g{}{}",
             base.display(),
             self.bits,
             self.head_bits,
-            self.block
+            self.block,
+            if self.act_order { "-act-order" } else { "" }
         ))
     }
 }
@@ -179,8 +182,8 @@ pub fn quantize_block(
     let mut done: HashMap<&str, ()> = HashMap::new();
     for (consumers, h) in inputs {
         let k = h.k();
-        let factor =
-            Factor::new(h.finish(), k).map_err(|source| Error::Gptq { weight: consumers.join(", "), source })?;
+        let factor = Factor::new(h.finish(), k, req.act_order)
+            .map_err(|source| Error::Gptq { weight: consumers.join(", "), source })?;
         for w in consumers {
             if done.insert(w.as_str(), ()).is_some() {
                 continue;

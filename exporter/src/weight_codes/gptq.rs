@@ -6,6 +6,10 @@
 //! updates of 128 columns. A group's grid is fitted when its first column comes, on the
 //! weights as the last lazy update left them (the reference's `W[:, i:i+groupsize]`).
 //!
+//! With act-order (the reference's `actorder=True, static_groups=True`), columns are quantized in
+//! decreasing order of the Hessian's diagonal and each group's grid is fitted beforehand on the
+//! original weights, so groups stay the contiguous blocks `MatMulNBits` reads.
+//!
 //! Arithmetic is f64; codes, scales and zero points come out in `MatMulNBits`' layout.
 use ndarray::{ArrayView2, ArrayViewMut2, s};
 
@@ -26,11 +30,16 @@ pub struct Factor {
     u: Vec<f64>,
     /// Input channels that were zero throughout calibration (their weights are set to 0).
     dead: Vec<bool>,
+    /// Column `p` of the factored problem is input channel `order[p]` (act-order), or the
+    /// identity.
+    order: Vec<usize>,
+    act_order: bool,
 }
 
 impl Factor {
-    /// Factors `h` (row-major `k x k`, `X^T X` up to a positive factor).
-    pub fn new(mut h: Vec<f64>, k: usize) -> Result<Self, NotPositiveDefinite> {
+    /// Factors `h` (row-major `k x k`, `X^T X` up to a positive factor); with `act_order`,
+    /// its columns are taken in decreasing order of its diagonal.
+    pub fn new(mut h: Vec<f64>, k: usize, act_order: bool) -> Result<Self, NotPositiveDefinite> {
         let mut dead = vec![false; k];
         for (i, d) in dead.iter_mut().enumerate() {
             if h[i * k + i] == 0.0 {
@@ -38,11 +47,24 @@ impl Factor {
                 h[i * k + i] = 1.0;
             }
         }
+        let mut order: Vec<usize> = (0..k).collect();
+        if act_order {
+            // Stable, as the reference's argsort(descending=True, stable=True).
+            order.sort_by(|&a, &b| h[b * k + b].total_cmp(&h[a * k + a]));
+            let mut p = vec![0f64; k * k];
+            for (i, &oi) in order.iter().enumerate() {
+                for (j, &oj) in order.iter().enumerate() {
+                    p[i * k + j] = h[oi * k + oj];
+                }
+            }
+            h = p;
+        }
         let damp = DAMP * (0..k).map(|i| h[i * k + i]).sum::<f64>() / k as f64;
         for i in 0..k {
             h[i * k + i] += damp;
         }
-        Ok(Self { k, u: upper_cholesky_of_inverse(h, k)?, dead })
+        let u = upper_cholesky_of_inverse(h, k).map_err(|e| NotPositiveDefinite { column: order[e.column], ..e })?;
+        Ok(Self { k, u, dead, order, act_order })
     }
 
     /// Input channels.
@@ -57,16 +79,26 @@ pub fn quantize(w: &[f32], n: usize, factor: &Factor, bits: u8, block: usize) ->
     let k = factor.k;
     let shape = BlockShape { n, k, bits, block };
     let kb = shape.k_blocks();
-    // Transposed: wt[c * n + r] is w[r][c], so a column is contiguous.
+    let order = &factor.order;
+    let value = |r: usize, c: usize| if factor.dead[c] { 0.0 } else { f64::from(w[r * k + c]) };
+    // Transposed, in the factored order: wt[p * n + r] is w[r][order[p]], so a column is
+    // contiguous.
     let mut wt = vec![0f64; k * n];
     for r in 0..n {
-        for c in 0..k {
-            wt[c * n + r] = if factor.dead[c] { 0.0 } else { f64::from(w[r * k + c]) };
+        for (p, &c) in order.iter().enumerate() {
+            wt[p * n + r] = value(r, c);
         }
     }
     let u = &factor.u;
     let mut codes = vec![0u8; n * k];
     let mut grids = vec![Grid { scale: 0.0, zero: 0, max_code: 0 }; n * kb];
+    if factor.act_order {
+        for r in 0..n {
+            for g in 0..kb {
+                grids[r * kb + g] = Grid::fit((g * block..((g + 1) * block).min(k)).map(|c| value(r, c)), bits);
+            }
+        }
+    }
     for i1 in (0..k).step_by(BATCH) {
         let i2 = (i1 + BATCH).min(k);
         let count = i2 - i1;
@@ -74,7 +106,8 @@ pub fn quantize(w: &[f32], n: usize, factor: &Factor, bits: u8, block: usize) ->
         let mut err1 = vec![0f64; count * n];
         for i in 0..count {
             let col = i1 + i;
-            if col % block == 0 {
+            let channel = order[col];
+            if !factor.act_order && col % block == 0 {
                 let g = col / block;
                 let end = (col + block).min(k);
                 for r in 0..n {
@@ -86,9 +119,9 @@ pub fn quantize(w: &[f32], n: usize, factor: &Factor, bits: u8, block: usize) ->
             let wcol = &head[i * n..];
             let e = &mut err1[i * n..(i + 1) * n];
             for r in 0..n {
-                let grid = &grids[r * kb + col / block];
+                let grid = &grids[r * kb + channel / block];
                 let q = grid.code(wcol[r]);
-                codes[r * k + col] = q;
+                codes[r * k + channel] = q;
                 e[r] = (wcol[r] - grid.value(q)) / d;
             }
             for (j, rest) in tail.chunks_exact_mut(n).enumerate() {
@@ -151,10 +184,13 @@ mod tests {
                 }
             }
         }
-        let f = Factor::new(h, k).unwrap();
-        let g = dequantize(&quantize(&w, n, &f, 4, 32), n, k, 4, 32);
         let r = dequantize(&quantize_asym(&w, n, k, 4, 32), n, k, 4, 32);
-        let (eg, er) = (output_error(&x, &w, &g, n, k), output_error(&x, &w, &r, n, k));
-        assert!(eg < 0.8 * er, "GPTQ {eg} vs RTN {er}");
+        let er = output_error(&x, &w, &r, n, k);
+        for act_order in [false, true] {
+            let f = Factor::new(h.clone(), k, act_order).unwrap();
+            let g = dequantize(&quantize(&w, n, &f, 4, 32), n, k, 4, 32);
+            let eg = output_error(&x, &w, &g, n, k);
+            assert!(eg < 0.8 * er, "GPTQ (act-order {act_order}) {eg} vs RTN {er}");
+        }
     }
 }

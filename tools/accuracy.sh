@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 BIN=./target/release
 MODEL=work/smollm2-vl
 OUT=work/accuracy
-PRECISIONS=${PRECISIONS:-"fp16 int8 int8-weight int4-weight"}
+# A label is a precision, or a weight-only precision and a method other than the default
+# (GPTQ): `int4-weight-rtn` is round-to-nearest symmetric (no calibration), `-rtn-asym` with
+# zero points.
+PRECISIONS=${PRECISIONS:-"fp16 int8 int8-weight int8-weight-rtn int4-weight int4-weight-rtn"}
 THREADS=${THREADS:-2}
 mkdir -p "$OUT" bench
 test -f "$MODEL/config.json" || { echo "no $MODEL: run make real-model first" >&2; exit 1; }
@@ -15,9 +18,13 @@ test -f "$OUT/demo.mp4" || ffmpeg -loglevel error -y -f lavfi -i testsrc2=size=3
 
 engine() { echo "engines/smollm2-$1"; }
 build() {
-  local p=$1 extra=()
-  [ "$p" = int8 ] && extra=(--calib calib/default.yaml)
-  test -f "$(engine "$p")/manifest.yaml" || $BIN/vl-export build --model "$MODEL" --out "$(engine "$p")" --precision "$p" "${extra[@]}"
+  local p=$1 precision=$1 extra=()
+  case "$p" in
+    int8) extra=(--calib calib/default.yaml) ;;
+    *-weight-rtn-asym) precision=${p%-rtn-asym}; extra=(--weight-method rtn-asym) ;;
+    *-weight-rtn) precision=${p%-rtn}; extra=(--weight-method rtn-sym) ;;
+  esac
+  test -f "$(engine "$p")/manifest.yaml" || $BIN/vl-export build --model "$MODEL" --out "$(engine "$p")" --precision "$precision" "${extra[@]}"
 }
 speed() {
   $BIN/vl-run --engine "$(engine "$1")" --video "$OUT/demo.mp4" --prompt "Describe the video in detail." \

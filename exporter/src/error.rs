@@ -161,6 +161,15 @@ pub enum Error {
     /// The tokenizer could not be built or read.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// GPTQ could not factor the Hessian of a linear's input (calibration tokens too few or
+    /// degenerate for it).
+    #[error("GPTQ of {weight}: {source}")]
+    Gptq {
+        /// The linear's weight.
+        weight: String,
+        /// Where the factorization stopped.
+        source: crate::weight_codes::cholesky::NotPositiveDefinite,
+    },
     /// Anything else the user must fix, with the reason.
     #[error("{0}")]
     Invalid(String),

@@ -16,7 +16,7 @@ use crate::contract::{MediaContract, TOKENIZER_FILE};
 use crate::error::{Error, Result};
 use crate::graphs::{GraphKind, decoder, vision};
 use crate::onnx::{ExternalData, FinishedGraph, GraphBuilder};
-use crate::precision::Plan;
+use crate::precision::{Plan, WeightMethod};
 use crate::quant::calibrate::{CalibOptions, CalibReport, calibrate};
 use crate::staging;
 
@@ -38,6 +38,8 @@ pub struct BuildOptions {
     /// Calibration of an int8 build (`None`: the built-in spec). With fp32, `Some` folds the
     /// SmoothQuant factors alone into the weights.
     pub calib: Option<CalibOptions>,
+    /// How the weight-only precisions make their codes (GPTQ calibrates first).
+    pub weight_method: WeightMethod,
     /// Operator set (`None`: the one the precision needs; `Some(OnnxRuntime)` also switches the
     /// decoder to `GroupQueryAttention` with a shared KV buffer).
     pub target: Option<Target>,
@@ -54,6 +56,7 @@ impl BuildOptions {
             progress: false,
             towers: TowerDirs::default(),
             calib: None,
+            weight_method: WeightMethod::default(),
             target: None,
         }
     }
@@ -77,15 +80,16 @@ pub struct BuildReport {
 /// Exports the checkpoint in `opts.model` to `opts.out`.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     let started = Instant::now();
-    let mut plan = Plan::new(opts.precision, opts.block_size)?;
+    let mut plan = Plan::new(opts.precision, opts.block_size)?.with_method(opts.weight_method);
     if let Some(target) = opts.target {
         plan = plan.with_target(target)?;
     }
     let ck = Checkpoint::open_with(&opts.model, &opts.towers)?;
     let mut calib_report = None;
-    if opts.precision == Precision::Int8 || opts.calib.is_some() {
-        let calib =
+    if plan.needs_calibration() || opts.calib.is_some() {
+        let mut calib =
             opts.calib.clone().unwrap_or_else(|| CalibOptions { progress: opts.progress, ..Default::default() });
+        calib.gptq = plan.gptq_request();
         let calibration = calibrate(&ck, &calib).map_err(|e| {
             e.on_full_disk(|| format!("calibration scratch (TMPDIR {})", std::env::temp_dir().display()))
         })?;

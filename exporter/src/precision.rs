@@ -5,10 +5,50 @@ use vl_runtime::manifest::{DType, KvLayout, Precision, Target};
 
 use crate::error::{Error, Result};
 use crate::graphs::GraphKind;
+use crate::graphs::decoder::HEAD_BITS;
 use crate::onnx::{Numerics, WeightFormat};
 use crate::quant::QuantParams;
 use crate::quant::calibrate::Calibration;
+use crate::quant::gptq_codes::{GptqRequest, GraphCodes};
 use crate::quant::table::FoldKind;
+
+/// How the weight-only precisions choose their codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightMethod {
+    /// Round to nearest, symmetric (implicit zero point 2^(bits-1)), no calibration.
+    RtnSymmetric,
+    /// Round to nearest on each block's asymmetric grid (a zero point per block), no calibration.
+    RtnAsymmetric,
+    /// GPTQ on asymmetric grids, from the calibration set's Hessians, columns left to right,
+    /// each group's grid fitted when it starts.
+    Gptq,
+    /// GPTQ with act-order: columns in decreasing order of the Hessian's diagonal, each group's
+    /// grid fitted beforehand (static groups) (the default).
+    #[default]
+    GptqActOrder,
+}
+
+impl WeightMethod {
+    /// Its name on the command line and in the manifest.
+    pub fn label(self) -> &'static str {
+        match self {
+            WeightMethod::RtnSymmetric => "rtn-sym",
+            WeightMethod::RtnAsymmetric => "rtn-asym",
+            WeightMethod::Gptq => "gptq",
+            WeightMethod::GptqActOrder => "gptq-act-order",
+        }
+    }
+
+    /// Whether it is GPTQ (which calibrates).
+    pub fn gptq(self) -> bool {
+        matches!(self, WeightMethod::Gptq | WeightMethod::GptqActOrder)
+    }
+
+    /// Whether blocks carry zero points.
+    pub fn zero_points(self) -> bool {
+        self != WeightMethod::RtnSymmetric
+    }
+}
 
 /// The numeric plan of an export.
 #[derive(Debug, Clone)]
@@ -17,6 +57,8 @@ pub struct Plan {
     pub precision: Precision,
     /// Weights per quantization block (weight-only precisions).
     pub block: usize,
+    /// How the weight-only precisions choose their codes.
+    pub method: WeightMethod,
     /// The calibration table of an int8 build (or of an fp32 build with SmoothQuant folded).
     pub calibration: Option<Calibration>,
     /// The target asked for (`None`: the one the precision needs).
@@ -30,17 +72,49 @@ impl Plan {
         if !(16..=256).contains(&block) || !block.is_power_of_two() {
             return Err(Error::Invalid(format!("block size {block}: a power of two from 16 to 256")));
         }
-        Ok(Self { precision, block, calibration: None, target: None })
+        Ok(Self { precision, block, method: WeightMethod::default(), calibration: None, target: None })
+    }
+
+    /// Whether the precision stores weights alone quantized (`MatMulNBits`).
+    pub fn weight_only(&self) -> bool {
+        matches!(self.precision, Precision::Int8Weight | Precision::Int4Weight)
+    }
+
+    /// Chooses how weight-only codes are made (ignored by the other precisions).
+    pub fn with_method(mut self, method: WeightMethod) -> Self {
+        self.method = method;
+        self
+    }
+
+    /// Whether this plan needs a calibration before graphs are built.
+    pub fn needs_calibration(&self) -> bool {
+        self.precision == Precision::Int8 || (self.weight_only() && self.method.gptq())
+    }
+
+    /// What GPTQ should produce during calibration, if this plan uses it.
+    pub fn gptq_request(&self) -> Option<GptqRequest> {
+        (self.weight_only() && self.method.gptq()).then(|| {
+            let bits = if self.precision == Precision::Int8Weight { 8 } else { 4 };
+            let act_order = self.method == WeightMethod::GptqActOrder;
+            GptqRequest { bits, head_bits: HEAD_BITS, block: self.block, act_order }
+        })
     }
 
     /// Attaches a calibration: int8 takes its scales and SmoothQuant factors; fp32 takes the
-    /// SmoothQuant factors alone (a check that smoothing leaves the model unchanged).
+    /// SmoothQuant factors alone (a check that smoothing leaves the model unchanged); the
+    /// weight-only precisions take GPTQ's codes.
     pub fn with_calibration(mut self, calibration: Calibration) -> Result<Self> {
-        if !matches!(self.precision, Precision::Int8 | Precision::Fp32) {
+        let gptq = self.weight_only() && self.method.gptq();
+        if !(matches!(self.precision, Precision::Int8 | Precision::Fp32) || gptq) {
             return Err(Error::Invalid(format!(
-                "a calibration applies to --precision int8 (or fp32, to fold SmoothQuant alone), not {}",
-                self.precision
+                "a calibration applies to --precision int8, to fp32 (to fold SmoothQuant alone) and to the \
+                 weight-only precisions with --weight-method gptq-act-order or gptq, not {} with {}",
+                self.precision,
+                self.method.label()
             )));
+        }
+        if gptq && calibration.codes.is_none() {
+            return Err(Error::Invalid("the calibration made no GPTQ codes (CalibOptions::gptq unset)".into()));
         }
         self.calibration = Some(calibration);
         Ok(self)
@@ -48,7 +122,9 @@ impl Plan {
 
     /// Numerics of one graph.
     pub fn numerics(&self, kind: GraphKind) -> Numerics {
-        let blocks = |bits| Numerics { act: DType::F32, weights: WeightFormat::Blocks { bits, block: self.block } };
+        let zero_points = self.method.zero_points();
+        let blocks =
+            |bits| Numerics { act: DType::F32, weights: WeightFormat::Blocks { bits, block: self.block, zero_points } };
         match self.precision {
             Precision::Fp32 => Numerics::FP32,
             Precision::Fp16 => Numerics { act: DType::F16, weights: WeightFormat::Float },
@@ -80,6 +156,11 @@ impl Plan {
     /// SmoothQuant factors and activation scales graph `kind` looks up, if calibrated.
     pub fn quant_params(&self, kind: GraphKind) -> Option<Arc<QuantParams>> {
         let c = self.calibration.as_ref()?;
+        if self.weight_only() {
+            let dir = c.codes.clone()?;
+            let codes = GraphCodes { dir, graph: kind.name().to_string() };
+            return Some(Arc::new(QuantParams { block_codes: Some(Arc::new(codes)), ..Default::default() }));
+        }
         Some(Arc::new(c.table.params(kind.name(), self.precision == Precision::Int8)))
     }
 
@@ -255,17 +336,43 @@ impl Plan {
             ],
             Precision::Int8Weight | Precision::Int4Weight => {
                 let bits = if self.precision == Precision::Int8Weight { 8 } else { 4 };
-                vec![
+                let head = if bits == HEAD_BITS { String::new() } else { format!(" (lm_head {HEAD_BITS}-bit)") };
+                let scheme = if self.method.zero_points() {
+                    "asymmetric: one fp32 scale and one uint8 zero point per block (the block's range widened to \
+                     include 0; MatMulNBits' zero_points input)"
+                } else {
+                    "symmetric: one fp32 scale per block, implicit zero point 2^(bits-1)"
+                };
+                let method = match self.method {
+                    WeightMethod::Gptq => {
+                        "codes by GPTQ (Frantar et al. 2022, as IST-DASLab's fasterquant: Hessians 2/n X^T X of each \
+                         linear's fp32 input over the calibration set, 1% dampening, lazy batches of 128 columns, \
+                         columns in order, each group's grid fitted when it starts)"
+                    }
+                    WeightMethod::GptqActOrder => {
+                        "codes by GPTQ (Frantar et al. 2022, as IST-DASLab's fasterquant: Hessians 2/n X^T X of each \
+                         linear's fp32 input over the calibration set, 1% dampening, lazy batches of 128 columns, \
+                         act-order: columns by decreasing Hessian diagonal, static groups fitted on the original \
+                         weights)"
+                    }
+                    _ => "codes rounded to nearest",
+                };
+                let mut notes = vec![
                     format!(
-                        "linear weights (vision, projector, LLM, lm_head) {bits}-bit symmetric per block of {} \
-                         inputs, one fp32 scale per block, through ONNX Runtime's MatMulNBits",
+                        "linear weights (vision, projector, LLM, lm_head) {bits}-bit{head} per block of {} inputs, \
+                         {scheme}, through ONNX Runtime's MatMulNBits",
                         self.block
                     ),
+                    format!("weight method {}: {method}", self.method.label()),
                     "MatMulNBits accuracy_level 4: activations are quantized to int8 per block inside the kernel"
                         .into(),
                     "embeddings, patch convolution, norms, softmax and the KV cache stay fp32".into(),
                     "target onnxruntime: runs on ONNX Runtime's CPU and CUDA providers, not TensorRT".into(),
-                ]
+                ];
+                if self.method.gptq() {
+                    notes.extend(self.calibration_note());
+                }
+                notes
             }
         }
     }

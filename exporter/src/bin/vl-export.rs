@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vl_export::checkpoint::TowerDirs;
 use vl_export::eval::{EvalOptions, evaluate, parse_prompts};
 use vl_export::export::{BuildOptions, build};
+use vl_export::precision::WeightMethod;
 use vl_export::quant::calibrate::CalibOptions;
 use vl_export::quant::fusion::fusion_report;
 use vl_export::quant::stats::Method;
@@ -35,6 +36,10 @@ enum Command {
         /// Weights per quantization block (int8-weight, int4-weight).
         #[arg(long, default_value_t = 32)]
         block_size: usize,
+        /// How int8-weight and int4-weight make their codes: `gptq` calibrates first (the
+        /// calibration set of --calib, default calib/default.yaml) and is the most accurate.
+        #[arg(long, value_enum, default_value_t = WeightMethodArg::GptqActOrder)]
+        weight_method: WeightMethodArg,
         /// Runtime the graphs are written for (default: standard, or onnxruntime where the
         /// precision needs it). `onnxruntime` also writes the decoder with ONNX Runtime's
         /// GroupQueryAttention and a KV cache shared in place between steps.
@@ -160,7 +165,7 @@ enum TokenizerArg {
     Spm,
 }
 
-/// Calibration of `--precision int8`.
+/// Calibration of `--precision int8` (and of GPTQ under the weight-only precisions).
 #[derive(clap::Args)]
 struct CalibArgs {
     /// Calibration spec (YAML: videos, images, prompts, samples, method); default: the built-in
@@ -214,8 +219,25 @@ impl CalibArgs {
             threads: None,
             block_layers: Some(self.calib_block_layers),
             memory_budget: Some(self.calib_memory_mb << 20),
+            gptq: None,
         })
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightMethodArg {
+    /// GPTQ with act-order (columns by decreasing Hessian diagonal, static groups), asymmetric
+    /// blocks (zero points), from the calibration set's Hessians.
+    #[value(name = "gptq-act-order")]
+    GptqActOrder,
+    /// GPTQ, columns in order.
+    Gptq,
+    /// Round to nearest on asymmetric blocks (zero points); no calibration.
+    #[value(name = "rtn-asym")]
+    RtnAsym,
+    /// Round to nearest, symmetric blocks; no calibration.
+    #[value(name = "rtn-sym")]
+    RtnSym,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -335,7 +357,17 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 
 fn run() -> Result<()> {
     match Cli::parse().command {
-        Command::Build { model, out, precision, block_size, target, video_tower, image_tower, calib } => {
+        Command::Build {
+            model,
+            out,
+            precision,
+            block_size,
+            weight_method,
+            target,
+            video_tower,
+            image_tower,
+            calib,
+        } => {
             let precision = match precision {
                 PrecisionArg::Fp32 => Precision::Fp32,
                 PrecisionArg::Fp16 => Precision::Fp16,
@@ -353,6 +385,12 @@ fn run() -> Result<()> {
             let opts = BuildOptions {
                 precision,
                 block_size,
+                weight_method: match weight_method {
+                    WeightMethodArg::Gptq => WeightMethod::Gptq,
+                    WeightMethodArg::GptqActOrder => WeightMethod::GptqActOrder,
+                    WeightMethodArg::RtnAsym => WeightMethod::RtnAsymmetric,
+                    WeightMethodArg::RtnSym => WeightMethod::RtnSymmetric,
+                },
                 progress: true,
                 towers,
                 calib,

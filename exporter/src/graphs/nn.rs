@@ -4,7 +4,8 @@ use vl_runtime::manifest::DType;
 use crate::checkpoint::{Activation, Weights};
 use crate::error::Result;
 use crate::onnx::{Attr, GraphBuilder, WeightFormat};
-use crate::weight_codes::{blocks, int8};
+use crate::weight_codes::blocks::{self, BlockShape};
+use crate::weight_codes::int8;
 
 /// ONNX `TensorProto.DataType` codes used by `Cast`.
 const FLOAT: i64 = 1;
@@ -91,20 +92,47 @@ pub fn linear(b: &mut GraphBuilder, w: &Weights, x: &str, o: LinearOpts) -> Resu
             };
             b.op("MatMul", &[x, &wt], vec![])
         }
-        WeightFormat::Blocks { bits, block } => {
-            let kb = o.inp.div_ceil(block) as i64;
-            let blob = (block * bits as usize / 8) as i64;
-            let (codes_name, scales_name) = (w.name("weight.codes"), w.name("weight.scales"));
-            let (codes_dims, scales_dims) = ([out, kb, blob], [out * kb]);
-            let (codes, scales) = if b.holds(&codes_name) && b.holds(&scales_name) {
-                (b.reuse_u8(&codes_name, &codes_dims)?, b.reuse_act(&scales_name, &scales_dims)?)
+        WeightFormat::Blocks { bits, block, zero_points } => {
+            let s = BlockShape { n: o.out, k: o.inp, bits, block };
+            let (kb, blob) = (s.k_blocks() as i64, s.blob() as i64);
+            let names = [w.name("weight.codes"), w.name("weight.scales"), w.name("weight.zero_points")];
+            let (codes_dims, scales_dims, zeros_dims) =
+                ([out, kb, blob], [out * kb], [(o.out * s.zero_row_bytes()) as i64]);
+            let mut inputs = vec![x.to_string()];
+            if b.holds(&names[0]) && b.holds(&names[1]) && (!zero_points || b.holds(&names[2])) {
+                inputs.push(b.reuse_u8(&names[0], &codes_dims)?);
+                inputs.push(b.reuse_act(&names[1], &scales_dims)?);
+                if zero_points {
+                    inputs.push(b.reuse_u8(&names[2], &zeros_dims)?);
+                }
             } else {
-                let q = blocks::quantize(&load()?, o.out, o.inp, bits, block);
-                (b.weight_u8(&codes_name, &codes_dims, &q.codes)?, b.weight_act(&scales_name, &scales_dims, &q.scales)?)
-            };
+                let mut q = match quant.as_ref().and_then(|q| q.block_codes.clone()) {
+                    Some(codes) => codes.read(&weight_name, s)?,
+                    None if zero_points => blocks::quantize_asym(&load()?, o.out, o.inp, bits, block),
+                    None => blocks::quantize(&load()?, o.out, o.inp, bits, block),
+                };
+                // GPTQ quantized the checkpoint's weight: a folded factor scales its scales.
+                if quant.as_ref().is_some_and(|q| q.block_codes.is_some()) && o.scale != 1.0 {
+                    q.scales.iter_mut().for_each(|v| *v *= o.scale);
+                }
+                inputs.push(b.weight_u8(&names[0], &codes_dims, &q.codes)?);
+                inputs.push(b.weight_act(&names[1], &scales_dims, &q.scales)?);
+                match (&q.zero_points, zero_points) {
+                    (Some(z), true) => inputs.push(b.weight_u8(&names[2], &zeros_dims, z)?),
+                    (None, false) => {}
+                    _ => {
+                        return Err(crate::error::Error::Invalid(format!(
+                            "{weight_name}: codes with{} zero points for a graph that wants them{}",
+                            if q.zero_points.is_some() { "" } else { "out" },
+                            if zero_points { "" } else { " not" }
+                        )));
+                    }
+                }
+            }
+            let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
             b.ms_op(
                 "MatMulNBits",
-                &[x, &codes, &scales],
+                &inputs,
                 vec![
                     ("K", Attr::Int(inp)),
                     ("N", Attr::Int(out)),

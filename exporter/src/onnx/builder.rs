@@ -42,6 +42,9 @@ pub enum WeightFormat {
         bits: u8,
         /// Weights per block (a power of two, at least 16).
         block: usize,
+        /// One zero point per block (`MatMulNBits`' `zero_points` input), rather than the
+        /// implicit 2^(bits-1) of symmetric codes.
+        zero_points: bool,
     },
     /// W8A8 in explicit QDQ form (standard ONNX): the input goes through
     /// `QuantizeLinear`/`DequantizeLinear` with its calibrated per-tensor scale, the weight is

@@ -15,4 +15,6 @@ pub struct QuantParams {
     pub row_divisors: HashMap<String, Arc<[f32]>>,
     /// Linears kept in float in an int8 graph, by weight name.
     pub float_linears: HashSet<String>,
+    /// GPTQ's codes of a weight-only graph's linears.
+    pub block_codes: Option<Arc<crate::quant::gptq_codes::GraphCodes>>,
 }

@@ -20,6 +20,10 @@
 //!
 //! The result is keyed by a hash of the spec, its media and the checkpoint, and saved as JSON
 //! and TensorRT caches; a later build with the same key reuses it.
+//!
+//! For the weight-only precisions' GPTQ, pass 1 also sums each tapped input's `X^T X`, and each
+//! block's linears are quantized when the block closes ([`gptq_codes`]); the codes are kept
+//! beside the table, under the same key.
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -39,6 +43,8 @@ use vl_runtime::prompt::{PromptBuilder, VisualSlot};
 use vl_runtime::video::{FrameSampling, load_image, load_video};
 
 use super::calib::{CalibSpec, MediaSource, check_alpha, materialize};
+use super::gptq_codes::{self, CodeDir, GptqRequest};
+use super::hessian::Hessian;
 use super::sensitivity;
 use super::smooth;
 use super::stats::{self, Histogram, Method};
@@ -74,6 +80,8 @@ pub struct CalibOptions {
     /// Bytes of activations held in memory between decoder blocks; past it they are spilled to
     /// the scratch directory (default [`stream::DEFAULT_MEMORY_BUDGET`]).
     pub memory_budget: Option<usize>,
+    /// Also quantize the linears by GPTQ (weight-only precisions), from pass 1's Hessians.
+    pub gptq: Option<GptqRequest>,
 }
 
 /// A calibration's table and where it lies.
@@ -89,6 +97,8 @@ pub struct Calibration {
     pub reused: bool,
     /// What the calibration run measured (`None` when the table was reused).
     pub report: Option<CalibReport>,
+    /// GPTQ's codes, when asked for.
+    pub codes: Option<CodeDir>,
 }
 
 /// The graphs that hold linear layers, as the table names them.
@@ -118,19 +128,31 @@ pub fn calibrate(ck: &Checkpoint, opts: &CalibOptions) -> Result<Calibration> {
     let path = base.with_extension("json");
     let trt_caches: Vec<PathBuf> =
         GRAPHS.iter().map(|g| PathBuf::from(format!("{}.{}.trt-cache", base.display(), g.name()))).collect();
+    let codes = opts.gptq.map(|r| CodeDir::new(r.dir(&base)));
     if let Ok(table) = QuantTable::load(&path)
+        && codes.as_ref().is_none_or(CodeDir::is_complete)
         && table.format == FORMAT
         && table.key == key
         && table.check().is_ok()
     {
         write_caches(&table, &trt_caches)?;
-        return Ok(Calibration { table, path, trt_caches, reused: true, report: None });
+        return Ok(Calibration { table, path, trt_caches, reused: true, report: None, codes });
     }
-    let (table, report) = run(ck, &spec, key, opts)?;
+    let gptq = match (opts.gptq, &codes) {
+        (Some(r), Some(dir)) => {
+            dir.start()?;
+            Some((r, dir))
+        }
+        _ => None,
+    };
+    let (table, report) = run(ck, &spec, key, opts, gptq)?;
     table.check()?;
     table.save(&path)?;
     write_caches(&table, &trt_caches)?;
-    Ok(Calibration { table, path, trt_caches, reused: false, report: Some(report) })
+    if let Some(dir) = &codes {
+        dir.finish()?;
+    }
+    Ok(Calibration { table, path, trt_caches, reused: false, report: Some(report), codes })
 }
 
 fn write_caches(table: &QuantTable, paths: &[PathBuf]) -> Result<()> {
@@ -216,7 +238,6 @@ struct CalibGraph {
 }
 
 /// What is known of one recorded tensor.
-#[derive(Clone)]
 struct TapStats {
     /// Per-channel maximum magnitude (pass 1).
     amax: Vec<f32>,
@@ -226,9 +247,22 @@ struct TapStats {
     hist: Option<Histogram>,
     /// Histogram of the unsmoothed tensor, when smoothed (pass 2).
     raw_hist: Option<Histogram>,
+    /// `X^T X` for GPTQ (pass 1), when asked for; taken when its block closes.
+    hessian: Option<Hessian>,
 }
 
 impl TapStats {
+    /// A copy of the statistics that the table is made of (not the GPTQ Hessian).
+    fn without_hessian(&self) -> TapStats {
+        TapStats {
+            amax: self.amax.clone(),
+            factors: self.factors.clone(),
+            hist: self.hist.clone(),
+            raw_hist: self.raw_hist.clone(),
+            hessian: None,
+        }
+    }
+
     fn amax(&self) -> f32 {
         self.amax.iter().copied().fold(0.0, f32::max)
     }
@@ -292,17 +326,21 @@ impl CalibGraph {
         let stats = done
             .taps
             .iter()
-            .map(|t| TapStats { amax: vec![0.0; t.channels], factors: None, hist: None, raw_hist: None })
+            .map(|t| TapStats { amax: vec![0.0; t.channels], factors: None, hist: None, raw_hist: None, hessian: None })
             .collect();
         Ok(Self { session, taps: done.taps, stats, files: [file, data_file] })
     }
 
-    /// Pass 1 asks for the per-channel maxima only, pass 2 for the whole tensors only (ONNX
-    /// Runtime then keeps nothing else), each with `output` when given.
+    /// Pass 1 asks for the per-channel maxima only (and the whole tensors whose Hessians are
+    /// summed), pass 2 for the whole tensors only (ONNX Runtime then keeps nothing else), each
+    /// with `output` when given.
     fn select(&self, pass: Pass, output: Option<&str>) -> Result<RunOptions<HasSelectedOutputs>> {
         let mut s = OutputSelector::no_default();
-        for t in &self.taps {
+        for (t, st) in self.taps.iter().zip(&self.stats) {
             s = s.with(if pass == Pass::Max { t.amax_output.as_str() } else { t.output.as_str() });
+            if pass == Pass::Max && st.hessian.is_some() {
+                s = s.with(t.output.as_str());
+            }
         }
         if let Some(o) = output {
             s = s.with(o);
@@ -391,7 +429,13 @@ impl Observer<'_> {
                 )));
             }
             match pass {
-                Pass::Max => stats::channel_amax(values, tap.channels, &mut st.amax),
+                Pass::Max => {
+                    stats::channel_amax(values, tap.channels, &mut st.amax);
+                    if let Some(h) = st.hessian.as_mut() {
+                        let (_, x) = ort(outputs[tap.output.as_str()].try_extract_tensor::<f32>())?;
+                        h.add(x)?;
+                    }
+                }
                 Pass::Histogram => {
                     if let Some(h) = st.hist.as_mut() {
                         match st.factors.as_ref() {
@@ -630,6 +674,8 @@ struct Run<'a> {
     peak_scratch: u64,
     spilled: u64,
     block_started: Instant,
+    /// GPTQ's request and where its codes go.
+    gptq: Option<(GptqRequest, &'a CodeDir)>,
 }
 
 impl Run<'_> {
@@ -645,15 +691,31 @@ impl Run<'_> {
     fn open(&mut self, name: &str, build: impl FnOnce(&mut GraphBuilder) -> Result<()>) -> Result<CalibGraph> {
         self.bar.set_message(format!("building {name}"));
         self.block_started = Instant::now();
-        let g = CalibGraph::new(name, self.dir, self.opts.threads, true, build)?;
+        let mut g = CalibGraph::new(name, self.dir, self.opts.threads, true, build)?;
+        if self.gptq.is_some() {
+            for (t, st) in g.taps.iter().zip(g.stats.iter_mut()) {
+                st.hessian = Some(Hessian::new(t.channels));
+            }
+        }
         self.blocks += 1;
         self.note_scratch();
         Ok(g)
     }
 
-    /// Closes `g`, saying how long its block took when progress is shown without a bar.
-    fn close(&mut self, name: &str, g: CalibGraph) -> Result<(Vec<Tap>, Vec<TapStats>)> {
-        let closed = g.close()?;
+    /// Closes `g` (graph `graph`, or a block of it), quantizing its linears by GPTQ when asked,
+    /// and says how long its block took when progress is shown without a bar.
+    fn close(&mut self, graph: GraphKind, name: &str, g: CalibGraph) -> Result<(Vec<Tap>, Vec<TapStats>)> {
+        let (taps, mut stats) = g.close()?;
+        if let Some((req, dir)) = self.gptq {
+            self.bar.set_message(format!("GPTQ: {name}"));
+            let inputs: Vec<(&[String], Hessian)> = taps
+                .iter()
+                .zip(stats.iter_mut())
+                .filter_map(|(t, st)| Some((t.consumers.as_slice(), st.hessian.take()?)))
+                .collect();
+            gptq_codes::quantize_block(self.ck, graph.name(), inputs, &head_name(self.ck), req, dir)?;
+        }
+        let closed = (taps, stats);
         if self.bar.is_hidden() && self.opts.progress {
             let anon = vl_runtime::memory::rss_anon_mb().map(|m| format!(", RssAnon {m:.0} MB")).unwrap_or_default();
             eprintln!("calibration: {name} in {:.1} s{anon}", self.block_started.elapsed().as_secs_f64());
@@ -687,7 +749,7 @@ impl Run<'_> {
                 g.stats.iter_mut().for_each(TapStats::start_histograms);
             }
         }
-        let (taps, stats) = self.close(kind.name(), g)?;
+        let (taps, stats) = self.close(kind, kind.name(), g)?;
         Ok((GraphStats { kind, taps: taps.into_iter().zip(stats).collect() }, features))
     }
 
@@ -758,7 +820,7 @@ impl Run<'_> {
                 };
                 sensitivity.push((block, linears));
             }
-            let (taps, stats) = self.close(&name, g)?;
+            let (taps, stats) = self.close(GraphKind::Decoder, &name, g)?;
             for (tap, st) in taps.into_iter().zip(stats) {
                 let first = tap.consumers.first().cloned().unwrap_or_default();
                 found.insert(first, (tap, st));
@@ -808,7 +870,7 @@ impl Run<'_> {
         acts: &mut stream::Activations,
     ) -> Result<f64> {
         let (ck, t) = (self.ck, &self.ck.config.text);
-        let taps = g.taps.iter().cloned().zip(g.stats.iter().cloned()).collect();
+        let taps = g.taps.iter().cloned().zip(g.stats.iter().map(TapStats::without_hessian)).collect();
         let block = GraphStats { kind: GraphKind::Decoder, taps };
         let params = Arc::new(table_of(ck, self.spec, String::new(), &[block], &[]).params("decoder", true));
         let name = format!("decoder-{}-{}-int8", part.layers.start, part.layers.end);
@@ -841,7 +903,13 @@ impl Run<'_> {
 }
 
 /// Runs the calibration and returns the table and what the run measured.
-fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> Result<(QuantTable, CalibReport)> {
+fn run(
+    ck: &Checkpoint,
+    spec: &CalibSpec,
+    key: String,
+    opts: &CalibOptions,
+    gptq: Option<(GptqRequest, &CodeDir)>,
+) -> Result<(QuantTable, CalibReport)> {
     let started = Instant::now();
     let sampler = stream::AnonSampler::start();
     let scratch = std::env::temp_dir();
@@ -879,6 +947,7 @@ fn run(ck: &Checkpoint, spec: &CalibSpec, key: String, opts: &CalibOptions) -> R
         peak_scratch: 0,
         spilled: 0,
         block_started: Instant::now(),
+        gptq,
     };
     r.note_scratch();
     let (vision, videos) =
@@ -974,12 +1043,17 @@ fn table_of(
 /// `patterns`, or it is the output head and `lm_head` is one of them (a head tied to the
 /// embeddings is named after them).
 fn excluded(ck: &Checkpoint, patterns: &[String], name: &str) -> bool {
-    let head = if ck.roots.lm_head.is_empty() {
+    let head = head_name(ck);
+    patterns.iter().any(|p| name.contains(p.as_str()) || (p == "lm_head" && name == head))
+}
+
+/// The output head's weight name (the embeddings' when tied).
+fn head_name(ck: &Checkpoint) -> String {
+    if ck.roots.lm_head.is_empty() {
         format!("{}embed_tokens.weight", ck.roots.text_body)
     } else {
         format!("{}weight", ck.roots.lm_head)
-    };
-    patterns.iter().any(|p| name.contains(p.as_str()) || (p == "lm_head" && name == head))
+    }
 }
 
 /// SmoothQuant factors for every decoder tensor an RMSNorm produced (and `silu(gate) * up`

@@ -4,6 +4,8 @@
 pub mod calib;
 pub mod calibrate;
 pub mod fusion;
+pub mod gptq_codes;
+pub mod hessian;
 pub mod sensitivity;
 pub mod smooth;
 pub mod stats;

@@ -1,9 +1,13 @@
-//! Symmetric block quantization of linear weights, in the layout of ONNX Runtime's
-//! `MatMulNBits`: for each output row, blocks of `block` inputs share one scale; codes are
-//! unsigned with the implicit zero point 2^(bits-1), packed low bits first.
+//! Block quantization of linear weights, in the layout of ONNX Runtime's `MatMulNBits`: for
+//! each output row, blocks of `block` inputs share one scale; codes are unsigned, packed low
+//! bits first. Two schemes:
 //!
-//! As llama.cpp's Q4_0 does, the scale maps the block's value of largest magnitude exactly to
-//! the most negative code, so the wider half of the code range is used where the extreme is.
+//! - symmetric ([`quantize`]): the implicit zero point 2^(bits-1); as llama.cpp's Q4_0 does,
+//!   the scale maps the block's value of largest magnitude exactly to the most negative code,
+//!   so the wider half of the code range is used where the extreme is;
+//! - asymmetric ([`quantize_asym`], and GPTQ's codes through [`pack`]): one zero point per
+//!   block (the [`Grid`] of its values), given to `MatMulNBits` as its `zero_points` input.
+use super::grid::Grid;
 
 /// Quantized blocks of a `[n, k]` matrix.
 pub struct QuantizedBlocks {
@@ -11,11 +15,45 @@ pub struct QuantizedBlocks {
     pub codes: Vec<u8>,
     /// Scales `[n, k_blocks]`.
     pub scales: Vec<f32>,
+    /// Zero points as `MatMulNBits` takes them (`None`: the implicit 2^(bits-1)): for each row,
+    /// `ceil(k_blocks * bits / 8)` bytes; at 4 bits two per byte, low nibble first.
+    pub zero_points: Option<Vec<u8>>,
     /// Blocks per row.
     pub k_blocks: usize,
 }
 
-/// Quantizes row-major `w` of shape `[n, k]` (a PyTorch `Linear` weight: rows are outputs).
+/// The shape of a block-quantized `[n, k]` matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockShape {
+    /// Rows (outputs).
+    pub n: usize,
+    /// Columns (inputs).
+    pub k: usize,
+    /// 4 or 8.
+    pub bits: u8,
+    /// Columns per block.
+    pub block: usize,
+}
+
+impl BlockShape {
+    /// Blocks per row.
+    pub fn k_blocks(&self) -> usize {
+        self.k.div_ceil(self.block)
+    }
+
+    /// Bytes of one block's packed codes.
+    pub fn blob(&self) -> usize {
+        self.block * self.bits as usize / 8
+    }
+
+    /// Bytes of one row's packed zero points.
+    pub fn zero_row_bytes(&self) -> usize {
+        (self.k_blocks() * self.bits as usize).div_ceil(8)
+    }
+}
+
+/// Quantizes row-major `w` of shape `[n, k]` (a PyTorch `Linear` weight: rows are outputs),
+/// symmetric.
 pub fn quantize(w: &[f32], n: usize, k: usize, bits: u8, block: usize) -> QuantizedBlocks {
     let k_blocks = k.div_ceil(block);
     let blob = block * bits as usize / 8;
@@ -38,13 +76,58 @@ pub fn quantize(w: &[f32], n: usize, k: usize, bits: u8, block: usize) -> Quanti
             }
             scales[row * k_blocks + b] = scale;
             let out = &mut codes[(row * k_blocks + b) * blob..][..blob];
-            pack(&q, bits, out);
+            pack_codes(&q, bits, out);
         }
     }
-    QuantizedBlocks { codes, scales, k_blocks }
+    QuantizedBlocks { codes, scales, zero_points: None, k_blocks }
 }
 
-fn pack(q: &[u8], bits: u8, out: &mut [u8]) {
+/// Quantizes row-major `w` of shape `[n, k]` round-to-nearest on each block's asymmetric
+/// [`Grid`] (scale and zero point).
+pub fn quantize_asym(w: &[f32], n: usize, k: usize, bits: u8, block: usize) -> QuantizedBlocks {
+    let shape = BlockShape { n, k, bits, block };
+    let kb = shape.k_blocks();
+    let mut codes = vec![0u8; n * k];
+    let mut grids = Vec::with_capacity(n * kb);
+    for (row, out) in w.chunks_exact(k).zip(codes.chunks_exact_mut(k)) {
+        for (values, out) in row.chunks(block).zip(out.chunks_mut(block)) {
+            let g = Grid::fit(values.iter().map(|&v| f64::from(v)), bits);
+            for (c, &v) in out.iter_mut().zip(values) {
+                *c = g.code(f64::from(v));
+            }
+            grids.push(g);
+        }
+    }
+    pack(&codes, &grids, shape)
+}
+
+/// Packs unpacked codes `[n, k]` (one per byte) and the grid of each block `[n, k_blocks]`
+/// into `MatMulNBits`' layout, with zero points.
+pub fn pack(codes: &[u8], grids: &[Grid], s: BlockShape) -> QuantizedBlocks {
+    let (kb, blob, zrow) = (s.k_blocks(), s.blob(), s.zero_row_bytes());
+    let mut packed = vec![0u8; s.n * kb * blob];
+    let mut zero_points = vec![0u8; s.n * zrow];
+    let mut q = vec![0u8; s.block];
+    for row in 0..s.n {
+        for b in 0..kb {
+            let start = b * s.block;
+            let end = (start + s.block).min(s.k);
+            q.iter_mut().for_each(|c| *c = 0);
+            q[..end - start].copy_from_slice(&codes[row * s.k + start..row * s.k + end]);
+            pack_codes(&q, s.bits, &mut packed[(row * kb + b) * blob..][..blob]);
+        }
+        let zeros: Vec<u8> = grids[row * kb..(row + 1) * kb].iter().map(|g| g.zero).collect();
+        pack_codes_padded(&zeros, s.bits, &mut zero_points[row * zrow..(row + 1) * zrow]);
+    }
+    QuantizedBlocks {
+        codes: packed,
+        scales: grids.iter().map(|g| g.scale).collect(),
+        zero_points: Some(zero_points),
+        k_blocks: kb,
+    }
+}
+
+fn pack_codes(q: &[u8], bits: u8, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(q),
         4 => {
@@ -56,22 +139,54 @@ fn pack(q: &[u8], bits: u8, out: &mut [u8]) {
     }
 }
 
+/// As [`pack_codes`], for a count that may be odd at 4 bits (the last high nibble stays 0).
+fn pack_codes_padded(q: &[u8], bits: u8, out: &mut [u8]) {
+    match bits {
+        8 => out.copy_from_slice(q),
+        _ => {
+            for (i, &c) in q.iter().enumerate() {
+                out[i / 2] |= (c & 0x0f) << (4 * (i % 2));
+            }
+        }
+    }
+}
+
+fn unpack(bytes: &[u8], bits: u8, i: usize) -> u8 {
+    match bits {
+        8 => bytes[i],
+        _ => (bytes[i / 2] >> (4 * (i % 2))) & 0x0f,
+    }
+}
+
+/// The codes `[n, k]`, one per byte, and the zero point of each block `[n, k_blocks]`.
+pub fn unpack_codes(qb: &QuantizedBlocks, s: BlockShape) -> (Vec<u8>, Vec<u8>) {
+    let (blob, zrow) = (s.blob(), s.zero_row_bytes());
+    let implicit = 1u8 << (s.bits - 1);
+    let mut codes = vec![0u8; s.n * s.k];
+    let mut zeros = vec![implicit; s.n * qb.k_blocks];
+    for row in 0..s.n {
+        for b in 0..qb.k_blocks {
+            let bytes = &qb.codes[(row * qb.k_blocks + b) * blob..][..blob];
+            for i in 0..s.block.min(s.k - b * s.block) {
+                codes[row * s.k + b * s.block + i] = unpack(bytes, s.bits, i);
+            }
+            if let Some(z) = &qb.zero_points {
+                zeros[row * qb.k_blocks + b] = unpack(&z[row * zrow..], s.bits, b);
+            }
+        }
+    }
+    (codes, zeros)
+}
+
 /// Dequantizes back to `[n, k]` (for tests and error measurement).
 pub fn dequantize(qb: &QuantizedBlocks, n: usize, k: usize, bits: u8, block: usize) -> Vec<f32> {
-    let blob = block * bits as usize / 8;
-    let zero = 1i32 << (bits - 1);
+    let s = BlockShape { n, k, bits, block };
+    let (codes, zeros) = unpack_codes(qb, s);
     let mut w = vec![0f32; n * k];
     for row in 0..n {
-        for b in 0..qb.k_blocks {
-            let scale = qb.scales[row * qb.k_blocks + b];
-            let bytes = &qb.codes[(row * qb.k_blocks + b) * blob..][..blob];
-            for i in 0..block.min(k - b * block) {
-                let code = match bits {
-                    8 => bytes[i],
-                    _ => (bytes[i / 2] >> (4 * (i % 2))) & 0x0f,
-                };
-                w[row * k + b * block + i] = (code as i32 - zero) as f32 * scale;
-            }
+        for i in 0..k {
+            let b = row * qb.k_blocks + i / block;
+            w[row * k + i] = (i32::from(codes[row * k + i]) - i32::from(zeros[b])) as f32 * qb.scales[b];
         }
     }
     w
@@ -107,6 +222,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn asymmetric_round_trip_is_within_half_a_step_and_zero_points_pack_per_row() {
+        for bits in [4u8, 8] {
+            // 3 blocks per row: an odd count, so each row's 4-bit zero points end half a byte early.
+            let (n, k, block) = (3, 80, 32);
+            let w = sample(n, k);
+            let qb = quantize_asym(&w, n, k, bits, block);
+            let s = BlockShape { n, k, bits, block };
+            assert_eq!(qb.zero_points.as_ref().unwrap().len(), n * s.zero_row_bytes());
+            let back = dequantize(&qb, n, k, bits, block);
+            for (i, (a, b)) in w.iter().zip(&back).enumerate() {
+                let step = qb.scales[(i / k) * qb.k_blocks + (i % k) / block];
+                assert!((a - b).abs() <= 0.5 * step * (1.0 + 1e-5), "bits {bits}: {a} vs {b}, step {step}");
+            }
+        }
+        let w: Vec<f32> = (0..96).map(|i| i as f32).collect();
+        let qb = quantize_asym(&w, 1, 96, 4, 32);
+        // All positive: every block's range is [0, max], zero point 0.
+        assert_eq!(qb.zero_points.unwrap(), vec![0, 0]);
     }
 
     #[test]

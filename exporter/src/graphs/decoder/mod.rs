@@ -89,12 +89,17 @@ fn mlp(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<Str
     linear(b, &w.pp("down_proj"), &prod, LinearOpts::new(m, h, bias))
 }
 
+/// Bits of the output head's weights under the weight-only precisions.
+pub const HEAD_BITS: u8 = 8;
+
 /// The output head. Under 4-bit weights it keeps 8 bits, as llama.cpp's 4-bit formats keep
 /// `output.weight` wider: the logits are what every token is chosen from.
 fn lm_head(b: &mut GraphBuilder, w: &Weights, t: &TextConfig, x: &str) -> Result<String> {
     let saved = b.numerics();
-    if let WeightFormat::Blocks { bits: 4, block } = saved.weights {
-        b.set_numerics(Numerics { weights: WeightFormat::Blocks { bits: 8, block }, ..saved });
+    if let WeightFormat::Blocks { bits, block, zero_points } = saved.weights
+        && bits != HEAD_BITS
+    {
+        b.set_numerics(Numerics { weights: WeightFormat::Blocks { bits: HEAD_BITS, block, zero_points }, ..saved });
     }
     let logits = linear(b, w, x, LinearOpts::new(t.hidden, t.vocab, false));
     b.set_numerics(saved);

@@ -1,0 +1,70 @@
+//! The asymmetric grid of one quantization group, as GPTQ's reference `Quantizer` (IST-DASLab,
+//! `perchannel=True, sym=False`) finds it: the range `[min(x), max(x)]` widened to include 0,
+//! `scale = (max - min) / (2^bits - 1)`, `zero = round(-min / scale)`, so a value `w` is stored
+//! as `q = clamp(round(w / scale) + zero, 0, 2^bits - 1)` and read back as `(q - zero) * scale`
+//! (ONNX Runtime's `MatMulNBits` with zero points). The scale is rounded to f32 first, as it is
+//! stored, and codes use it; ties round to even, as torch and numpy do.
+
+/// One group's scale and zero point.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Grid {
+    /// Step between codes (an f32, as stored).
+    pub scale: f32,
+    /// The code of 0.0.
+    pub zero: u8,
+    /// Largest code (2^bits - 1).
+    pub max_code: u8,
+}
+
+impl Grid {
+    /// The grid of `values` (any order) for `bits`-bit codes. A group that is all zeros gets
+    /// the range [-1, 1], as the reference does.
+    pub fn fit(values: impl IntoIterator<Item = f64>, bits: u8) -> Self {
+        let (mut lo, mut hi) = (0f64, 0f64);
+        for v in values {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+        if lo == 0.0 && hi == 0.0 {
+            (lo, hi) = (-1.0, 1.0);
+        }
+        let max_code = ((1u16 << bits) - 1) as u8;
+        let scale = ((hi - lo) / f64::from(max_code)) as f32;
+        let zero = (-lo / f64::from(scale)).round_ties_even().clamp(0.0, f64::from(max_code)) as u8;
+        Self { scale, zero, max_code }
+    }
+
+    /// The code of `v`.
+    pub fn code(&self, v: f64) -> u8 {
+        ((v / f64::from(self.scale)).round_ties_even() + f64::from(self.zero)).clamp(0.0, f64::from(self.max_code))
+            as u8
+    }
+
+    /// The value code `q` stands for.
+    pub fn value(&self, q: u8) -> f64 {
+        (f64::from(q) - f64::from(self.zero)) * f64::from(self.scale)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ends_of_the_range_map_to_the_end_codes_and_zero_is_exact() {
+        let g = Grid::fit([-0.3, 0.1, 1.2], 4);
+        assert_eq!(g.max_code, 15);
+        assert!((f64::from(g.scale) - 1.5 / 15.0).abs() < 1e-7);
+        assert_eq!(g.zero, 3);
+        assert_eq!(g.code(1.2), 15);
+        assert_eq!(g.code(0.0), 3);
+        assert_eq!(g.value(g.code(0.0)), 0.0);
+        assert_eq!(g.code(-5.0), 0, "clamped");
+        // All positive: the range includes 0, whose code is 0.
+        let pos = Grid::fit([0.5, 2.0], 4);
+        assert_eq!(pos.zero, 0);
+        let zeros = Grid::fit([0.0; 4], 8);
+        assert_eq!(zeros.max_code, 255);
+        assert!((127..=128).contains(&zeros.zero), "the middle of [-1, 1]");
+    }
+}

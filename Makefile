@@ -109,6 +109,14 @@ bench-concurrency: setup
 	./target/release/vl-bench concurrency --engine engines/vl7b-slice-ort --streams $(CONCURRENCY_STREAMS) --out bench/concurrency-text.json
 	./target/release/vl-bench concurrency --engine engines/vl7b-slice-ort --streams $(CONCURRENCY_VIDEO_STREAMS) --new-tokens 64 --video $(WORK)/concurrency.mp4 --out bench/concurrency-video.json
 
+# The same on the real-weight checkpoint (SmolLM2-135M, `make real-model`), with the engine `vl-export build` makes by default.
+.PHONY: bench-concurrency-real
+bench-concurrency-real: setup real-model
+	@test -f engines/smollm2-fp32/manifest.yaml || ./target/release/vl-export build --model $(WORK)/smollm2-vl --out engines/smollm2-fp32
+	@mkdir -p $(WORK) && test -f $(WORK)/concurrency.mp4 || ffmpeg -loglevel error -y -f lavfi -i testsrc2=size=320x240:rate=25:duration=4 -pix_fmt yuv420p $(WORK)/concurrency.mp4
+	./target/release/vl-bench concurrency --engine engines/smollm2-fp32 --streams $(CONCURRENCY_STREAMS) --out bench/concurrency-smollm2-text.json
+	./target/release/vl-bench concurrency --engine engines/smollm2-fp32 --streams $(CONCURRENCY_VIDEO_STREAMS) --new-tokens 64 --video $(WORK)/concurrency.mp4 --out bench/concurrency-smollm2-video.json
+
 # What serving over HTTP costs (issue 13): vl-serve in-process against the engine directly, at 1-16 clients, and a
 # follow-up's time to first token with and without the prefix cache (bench/serve.json). vl7b-slice's synthetic
 # tokenizer gives most generated ids no text, so HTTP clients cannot time its tokens one by one: the small preset

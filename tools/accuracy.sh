@@ -12,6 +12,8 @@ OUT=work/accuracy
 # zero points.
 PRECISIONS=${PRECISIONS:-"fp16 int8 int8-weight int8-weight-rtn int4-weight int4-weight-rtn"}
 THREADS=${THREADS:-2}
+# What made the table, read before anything here is written.
+COMMIT="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . || echo ' (with uncommitted changes)')"
 mkdir -p "$OUT" bench
 test -f "$MODEL/config.json" || { echo "no $MODEL: run make real-model first" >&2; exit 1; }
 test -f "$OUT/demo.mp4" || ffmpeg -loglevel error -y -f lavfi -i testsrc2=size=320x240:rate=25:duration=4 -pix_fmt yuv420p "$OUT/demo.mp4"
@@ -45,7 +47,7 @@ done
 python3 tools/accuracy_table.py "$OUT" fp32 $PRECISIONS > bench/accuracy.md
 {
   echo
-  echo "Made by \`make accuracy\` at commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . || echo ' (with uncommitted changes)') on $(date -u +%Y-%m-%d),"
+  echo "Made by \`make accuracy\` at commit $COMMIT on $(date -u +%Y-%m-%d),"
   echo "$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $THREADS threads, load average $(cut -d' ' -f1-3 /proc/loadavg) at the end;"
   echo "checkpoint $MODEL (model.safetensors sha256 $(sha256sum "$MODEL/model.safetensors" | cut -c1-12)), text calib/eval_text.txt"
   echo "(sha256 $(sha256sum calib/eval_text.txt | cut -c1-12)), prompts calib/eval_prompts.txt, video: ffmpeg testsrc2 (4 s)."

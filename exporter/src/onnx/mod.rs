@@ -15,7 +15,7 @@ pub use builder::{
     Attr, FinishedGraph, GraphBuilder, IoSpec, MS_DOMAIN, Numerics, SmoothSource, Tap, WeightFormat, inline_tensor,
 };
 pub use external::ExternalData;
-pub use quant_params::QuantParams;
+pub use quant_params::{BlockCodes, QuantParams};
 
 /// The opset of the default (TensorRT-parsable) target. 17 is the first with
 /// `LayerNormalization`; it keeps `ReduceMean` axes as an attribute, which TensorRT 8.6+ and 10 parse.

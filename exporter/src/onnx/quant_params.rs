@@ -2,6 +2,15 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use crate::error::Result;
+use crate::weight_codes::blocks::{BlockShape, QuantizedBlocks};
+
+/// Quantized blocks made ahead of the graph (GPTQ's, by `quant`), read by weight name.
+pub trait BlockCodes: std::fmt::Debug + Send + Sync {
+    /// The codes of `weight`, which must have shape `shape`.
+    fn read(&self, weight: &str, shape: BlockShape) -> Result<QuantizedBlocks>;
+}
+
 /// What the graph code looks up, by checkpoint tensor name, to build a smoothed or int8 graph.
 #[derive(Debug, Default, Clone)]
 pub struct QuantParams {
@@ -16,5 +25,5 @@ pub struct QuantParams {
     /// Linears kept in float in an int8 graph, by weight name.
     pub float_linears: HashSet<String>,
     /// GPTQ's codes of a weight-only graph's linears.
-    pub block_codes: Option<Arc<crate::quant::gptq_codes::GraphCodes>>,
+    pub block_codes: Option<Arc<dyn BlockCodes>>,
 }

@@ -157,9 +157,9 @@ pub struct GraphCodes {
     pub graph: String,
 }
 
-impl GraphCodes {
+impl crate::onnx::BlockCodes for GraphCodes {
     /// The codes of `weight`, which must have shape `s`; an error if GPTQ left none for it.
-    pub fn read(&self, weight: &str, s: BlockShape) -> Result<QuantizedBlocks> {
+    fn read(&self, weight: &str, s: BlockShape) -> Result<QuantizedBlocks> {
         self.dir.read(&self.graph, weight, s)?.ok_or_else(|| {
             Error::Invalid(format!(
                 "GPTQ left no codes for {weight} in {} ({}): calibration did not tap its input",

@@ -121,7 +121,6 @@ impl Shared {
     }
 }
 
-/// Where conversations keep their keys and values.
 /// One row of a decode call: its logits, or the decoder's argmax id.
 #[derive(Clone)]
 enum RowOut {
@@ -137,6 +136,7 @@ enum Chosen {
     Argmax(u32),
 }
 
+/// Where conversations keep their keys and values.
 enum Backend {
     /// Slots of the in-place decoder, batched.
     Pool(SlotPool),

@@ -140,10 +140,13 @@ bench-setup:
 # The vl7b-slice checkpoint and one engine per precision vl-export knows, each made once (~15 s each).
 bench-engines:
 	@test -f $(BENCH_MODEL)/config.json || ./target/release/vl-export synth --preset vl7b-slice --out $(BENCH_MODEL)
+	@# Speed only: the weight-only engines take rtn-asym, the default's format (blocks with zero points) without GPTQ's
+	@# calibration, which at 4,096 wide runs single-threaded for many minutes.
 	@for p in $(BENCH_PRECISIONS); do \
 	  if [ $$p = fp32 ]; then dir=engines/vl7b-slice; else dir=engines/vl7b-slice-$$p; fi; \
 	  test -f $$dir/manifest.yaml && continue; \
-	  ./target/release/vl-export build --model $(BENCH_MODEL) --out $$dir --precision $$p \
+	  case $$p in *-weight) method="--weight-method rtn-asym";; *) method="";; esac; \
+	  ./target/release/vl-export build --model $(BENCH_MODEL) --out $$dir --precision $$p $$method \
 	    || echo "vl-export could not build --precision $$p: not benchmarked"; \
 	done
 

@@ -179,6 +179,15 @@ fn uint8_twins_are_the_cpu_graphs(out: &Path, table: &QuantTable, features: &[f3
         assert_eq!(r.integer_matmuls, linears, "{file}: every linear fused with uint8 activations: {r:?}");
         assert!(!r.ops.contains_key("DequantizeLinear"), "{file}: {:?}", r.ops);
     }
+    // The runtime picks the twins on the CPU by default, and the TensorRT-form graphs when asked.
+    for (choice, vision, image, decoder) in [
+        (DecoderChoice::Auto, "vision_uint8.onnx", "image_uint8.onnx", "decoder_in_place.onnx"),
+        (DecoderChoice::Standard, "vision.onnx", "image.onnx", "decoder.onnx"),
+    ] {
+        let p = Pipeline::load(out, PipelineOptions { decoder: choice, ..Default::default() }).unwrap();
+        let g = &p.manifest().graphs;
+        assert_eq!((g.vision.file.as_str(), g.image.file.as_str(), g.decoder.file.as_str()), (vision, image, decoder));
+    }
     let (std_features, std_logits) = run_golden_on(out, DecoderChoice::Standard);
     for (what, a, b) in [("video features", features, &std_features[..]), ("logits", logits, &std_logits[..])] {
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1.0);

@@ -62,10 +62,10 @@ fn run_golden_on(engine: &Path, choice: DecoderChoice) -> (Vec<f32>, Vec<f32>) {
     let px = std::sync::Arc::new(px.into_dimensionality::<Ix5>().unwrap());
     let p = Pipeline::load(engine, PipelineOptions { decoder: choice, ..Default::default() }).unwrap();
     let visual = p.visual(&Media::VideoPixels(px)).unwrap().unwrap();
-    let splice = Splice { token: p.manifest().tokens.video, features: visual.features.view() };
+    let splice = Splice { token: p.manifest().tokens.video, features: &visual.features, first: 0 };
     let mut kv = KvCache::new(&p.manifest().model).unwrap();
     let logits = p.language_model().forward_logits(&mut kv, &prompt, Some(&splice), prompt.len()).unwrap();
-    (visual.features.iter().copied().collect(), logits)
+    (visual.features.to_host().unwrap().iter().copied().collect(), logits)
 }
 
 #[test]

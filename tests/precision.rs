@@ -124,6 +124,8 @@ fn every_precision_stays_close_to_fp32() {
         let visual = p.visual(&Media::VideoPixels(px.clone())).unwrap().unwrap();
         let min_cos = visual
             .features
+            .to_host()
+            .unwrap()
             .rows()
             .into_iter()
             .zip(ref_feat.rows())
@@ -131,7 +133,7 @@ fn every_precision_stays_close_to_fp32() {
             .fold(1.0f32, f32::min);
         assert!(min_cos >= tol.min_feature_cosine, "{label}: feature cosine {min_cos}");
 
-        let splice = Splice { token: p.manifest().tokens.video, features: visual.features.view() };
+        let splice = Splice { token: p.manifest().tokens.video, features: &visual.features, first: 0 };
         let mut kv = KvCache::new(&p.manifest().model).unwrap();
         let logits = p.language_model().forward_logits(&mut kv, &prompt, Some(&splice), prompt.len()).unwrap();
         let vocab = p.manifest().model.vocab_size;

@@ -466,17 +466,19 @@ class LanguageModel:
         }
 
     def embeds(self, ids, token_id=None, features=None):
-        """embed(ids), then rows equal to `token_id` replaced in order by `features` rows."""
+        """embed.onnx on ids, rows equal to `token_id` taking `features` rows in order (the graph splices)."""
         ids = np.array([ids], np.int64)
-        out = self.embed.run({"input_ids": ids})["inputs_embeds"]
+        index = np.full(ids.shape, -1, np.int64)
         if features is None:
-            return out
-        mask = ids[0] == token_id
-        if int(mask.sum()) != features.shape[1]:
-            raise ValueError(f"{int(mask.sum())} placeholder tokens but {features.shape[1]} features")
-        out = out.copy()
-        out[0, mask] = features[0]
-        return out
+            hidden = self.embed.session.get_outputs()[0].shape[2]
+            features = np.zeros((1, 0, hidden), np.float32)
+        else:
+            mask = ids[0] == token_id
+            if int(mask.sum()) != features.shape[1]:
+                raise ValueError(f"{int(mask.sum())} placeholder tokens but {features.shape[1]} features")
+            index[0, mask] = np.arange(int(mask.sum()))
+        feeds = {"input_ids": ids, "visual_features": features.astype(np.float32), "visual_index": index}
+        return self.embed.run(feeds)["inputs_embeds"]
 
     def step(self, embeds, keep=1, commit=True):
         """Run the decoder on top of the cache; returns logits [keep, vocab]."""

@@ -25,7 +25,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::StandardNormal;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use vl_runtime::generate::Splice;
+use vl_runtime::features::{Features, Splice};
 use vl_runtime::kv_cache::KvCache;
 use vl_runtime::prompt::{PromptBuilder, VisualSlot};
 use vl_runtime::{Media, Pipeline, PipelineOptions, SessionOptions};
@@ -254,7 +254,7 @@ impl Side {
         self.pipeline.tokenizer().decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
-    fn features(&self, media: &Media) -> Result<Arc<Array2<f32>>> {
+    fn features(&self, media: &Media) -> Result<Arc<Features>> {
         let visual = self.pipeline.visual(media)?.ok_or_else(|| Error::Invalid("no visual input".into()))?;
         if !visual.is_video {
             return Err(Error::Invalid("eval compares video features; got an image".into()));
@@ -454,7 +454,7 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
     for (name, medium) in &media {
         say(&format!("video features of {name}"));
         let (r, e) = (reference.features(medium)?, engine.features(medium)?);
-        inputs.push(compare_features(name.clone(), &r, &e)?);
+        inputs.push(compare_features(name.clone(), &r.to_host()?, &e.to_host()?)?);
     }
     let vision = VisionReport {
         cosine_mean: inputs.iter().map(|i| i.cosine_mean).sum::<f64>() / inputs.len() as f64,
@@ -465,9 +465,9 @@ pub fn evaluate(opts: &EvalOptions) -> Result<EvalReport> {
     // Prompts: greedy answers of both, then both teacher-forced along the reference's answer.
     let (_, prompt_media) = media.swap_remove(0);
     let (ref_feats, eng_feats) = (reference.features(&prompt_media)?, engine.features(&prompt_media)?);
-    let ref_splice = Splice { token: m.tokens.video, features: ref_feats.view() };
-    let eng_splice = Splice { token: m.tokens.video, features: eng_feats.view() };
-    let slot = VisualSlot::Video { tokens: ref_feats.nrows() };
+    let ref_splice = Splice { token: m.tokens.video, features: &ref_feats, first: 0 };
+    let eng_splice = Splice { token: m.tokens.video, features: &eng_feats, first: 0 };
+    let slot = VisualSlot::Video { tokens: ref_feats.rows() };
     let mut prompt_acc = Accum::default();
     let mut cases = Vec::with_capacity(opts.prompts.len());
     for (i, question) in opts.prompts.iter().enumerate() {

@@ -1,15 +1,15 @@
 //! Running the language model: embedding, visual splicing, one decoder call per step, and the
 //! sampling loop with streaming and stop conditions.
-use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
-use ndarray::{Array2, Array3, ArrayView2};
-use ort::session::SessionInputValue;
-use ort::value::{Tensor, TensorRef};
+use ndarray::Array2;
+use ort::memory::MemoryInfo;
+use ort::value::{DynTensor, DynTensorValueType, Tensor};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+pub use crate::features::{Features, Splice};
 use crate::graph::Graph;
 use crate::kv_cache::{KvCache, StepInputs};
 use crate::manifest::KvLayout;
@@ -111,14 +111,6 @@ pub struct Answer {
     pub timings: Timings,
 }
 
-/// Rows of `features` replace the embeddings at positions whose id is `token`, in order.
-pub struct Splice<'a> {
-    /// The placeholder id.
-    pub token: u32,
-    /// [tokens, hidden] visual features.
-    pub features: ArrayView2<'a, f32>,
-}
-
 /// The graphs one decoder step needs.
 pub struct LanguageModel<'a> {
     /// `embed.onnx`.
@@ -129,21 +121,36 @@ pub struct LanguageModel<'a> {
     pub mask_ones: &'a [i64],
     /// Rows of the logits.
     pub vocab: usize,
+    /// Where the embeddings are kept between `embed.onnx` and the decoder (the device's memory).
+    pub memory: &'a MemoryInfo<'static>,
+    /// Zero feature rows, for embedding calls without a splice.
+    pub no_features: &'a Tensor<f32>,
 }
 
 impl LanguageModel<'_> {
-    pub(crate) fn embed(&self, ids: &[u32]) -> Result<Array3<f32>> {
-        let ids: Vec<i64> = ids.iter().map(|&i| i64::from(i)).collect();
-        let input = TensorRef::from_array_view(([1usize, ids.len()], ids.as_slice()))?;
+    /// `rows` sequences of `ids.len() / rows` tokens each, embedded with `splice`'s features at
+    /// its placeholders, left in [`Self::memory`] for the decoder: `[rows, tokens, hidden]`.
+    pub(crate) fn embed(&self, ids: &[u32], rows: usize, splice: Option<&Splice<'_>>) -> Result<DynTensor> {
+        if rows == 0 || ids.len() % rows != 0 {
+            return Err(Error::Request(format!("{} token ids for {rows} rows", ids.len())));
+        }
+        let shape = [rows, ids.len() / rows];
+        let index = match splice {
+            Some(s) => s.index(ids)?,
+            None => vec![-1; ids.len()],
+        };
+        let ids = Tensor::from_array((shape, ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>()))?;
+        let index = Tensor::from_array((shape, index))?;
         let mut session = self.embed.lock();
-        let outputs = session.run(ort::inputs!["input_ids" => input])?;
-        let embeds = outputs["inputs_embeds"].try_extract_array::<f32>()?;
-        let shape = embeds.shape().to_vec();
-        let embeds = embeds
-            .to_owned()
-            .into_shape_with_order((shape[0], shape[1], shape[2]))
-            .map_err(|e| Error::Request(format!("embed.onnx returned shape {shape:?}: {e}")))?;
-        Ok(embeds)
+        let mut binding = session.create_binding()?;
+        binding.bind_input("input_ids", &ids)?;
+        binding.bind_input("visual_index", &index)?;
+        binding.bind_input("visual_features", splice.map_or(self.no_features, |s| s.features.value()))?;
+        binding.bind_output_to_device("inputs_embeds", self.memory)?;
+        let mut outputs = session.run_binding(&binding)?;
+        let embeds =
+            outputs.remove("inputs_embeds").ok_or(Error::Request("embed.onnx gave no inputs_embeds".into()))?;
+        Ok(embeds.downcast::<DynTensorValueType>()?)
     }
 
     /// Feeds `ids` (splicing visual features in) and returns the last position's logits.
@@ -163,10 +170,7 @@ impl LanguageModel<'_> {
         if keep == 0 || keep > ids.len() {
             return Err(Error::Request(format!("logits for {keep} of {} positions", ids.len())));
         }
-        let mut embeds = self.embed(ids)?;
-        if let Some(s) = splice {
-            splice_features(&mut embeds, ids, s)?;
-        }
+        let embeds = self.embed(ids, 1, splice)?;
         let past = kv.len();
         let total = past + ids.len();
         let mask = self.mask_ones.get(..total).ok_or(Error::ContextOverflow {
@@ -176,7 +180,7 @@ impl LanguageModel<'_> {
         })?;
         if kv.layout() == KvLayout::SharedBuffer {
             let inputs = StepInputs {
-                embeds: Tensor::from_array(embeds)?,
+                embeds,
                 mask: Tensor::from_array(([1usize, total], mask.to_vec()))?,
                 keep,
                 vocab: self.vocab,
@@ -184,41 +188,31 @@ impl LanguageModel<'_> {
             let mut session = self.decoder.lock();
             return kv.run_bound(&mut session, inputs, self.mask_ones.len());
         }
-        let positions: Vec<i64> = (past as i64..total as i64).collect();
-        let keep = [keep as i64];
-        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = vec![
-            ("inputs_embeds".into(), TensorRef::from_array_view(&embeds)?.into()),
-            ("attention_mask".into(), TensorRef::from_array_view(([1usize, total], mask))?.into()),
-            ("position_ids".into(), TensorRef::from_array_view(([1usize, ids.len()], positions.as_slice()))?.into()),
-            ("logits_to_keep".into(), TensorRef::from_array_view(([1usize], &keep[..]))?.into()),
-        ];
-        for (name, value) in kv.inputs() {
-            inputs.push((name.into(), value.into()));
-        }
+        let positions = Tensor::from_array(([1usize, ids.len()], (past as i64..total as i64).collect::<Vec<_>>()))?;
+        // Owned: `IoBinding::bind_input` would clone a borrowed tensor through a session of its own.
+        let mask = Tensor::from_array(([1usize, total], mask.to_vec()))?;
+        let keep = Tensor::from_array(([1usize], vec![keep as i64]))?;
         let mut session = self.decoder.lock();
-        let mut outputs = session.run(inputs)?;
+        // The new `present.*` stay in the device's memory and come back as the next step's
+        // past; only the logits come to the host.
+        let mut binding = session.create_binding()?;
+        binding.bind_input("inputs_embeds", &embeds)?;
+        binding.bind_input("attention_mask", &mask)?;
+        binding.bind_input("position_ids", &positions)?;
+        binding.bind_input("logits_to_keep", &keep)?;
+        for (name, value) in kv.inputs() {
+            binding.bind_input(name, value)?;
+        }
+        for name in kv.output_names() {
+            binding.bind_output_to_device(name.as_str(), self.memory)?;
+        }
+        binding.bind_output_to_device("logits", &MemoryInfo::default())?;
+        let mut outputs = session.run_binding(&binding)?;
         let (_, logits) = outputs["logits"].try_extract_tensor::<f32>()?;
         let logits = logits.to_vec();
         kv.update(&mut outputs, ids.len())?;
         Ok(logits)
     }
-}
-
-pub(crate) fn splice_features(embeds: &mut Array3<f32>, ids: &[u32], s: &Splice<'_>) -> Result<()> {
-    let slots: Vec<usize> = ids.iter().enumerate().filter(|(_, t)| **t == s.token).map(|(i, _)| i).collect();
-    if slots.len() != s.features.nrows() || embeds.shape()[2] != s.features.ncols() {
-        return Err(Error::Request(format!(
-            "{} visual placeholders for {} feature rows of width {} (embeddings are {} wide)",
-            slots.len(),
-            s.features.nrows(),
-            s.features.ncols(),
-            embeds.shape()[2]
-        )));
-    }
-    for (row, &pos) in s.features.rows().into_iter().zip(&slots) {
-        embeds.slice_mut(ndarray::s![0, pos, ..]).assign(&row);
-    }
-    Ok(())
 }
 
 /// What to do after a sampled token.

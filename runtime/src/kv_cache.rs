@@ -59,8 +59,8 @@ struct SharedBuffers {
 
 /// The small per-step inputs of a bound decoder call.
 pub struct StepInputs {
-    /// `inputs_embeds` [1, new, hidden].
-    pub embeds: Tensor<f32>,
+    /// `inputs_embeds` [1, new, hidden], where `embed.onnx` left it.
+    pub embeds: DynTensor,
     /// `attention_mask` [1, total], all ones.
     pub mask: Tensor<i64>,
     /// `logits_to_keep` [1].
@@ -180,6 +180,11 @@ impl KvCache {
             Store::Shared(_) => &[],
         };
         self.input_names.iter().map(String::as_str).zip(values)
+    }
+
+    /// `present.*` names in layer order (bound to the device's memory by a concatenating step).
+    pub fn output_names(&self) -> &[String] {
+        &self.output_names
     }
 
     /// Takes the `present.*` outputs of a concatenating step that added `added` positions.

@@ -23,6 +23,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod exit;
+pub mod features;
 pub mod generate;
 pub mod graph;
 pub mod kv_cache;

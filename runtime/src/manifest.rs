@@ -8,7 +8,7 @@ use crate::error::{Error, Result};
 use crate::preprocess::{PreprocessConfig, PreprocessRecipe};
 
 /// The manifest schema this runtime reads and the exporter writes.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 /// The manifest's file name inside an engine directory.
 pub const MANIFEST_FILE: &str = "manifest.yaml";
 
@@ -626,18 +626,18 @@ mod tests {
     #[test]
     fn hostile_yaml_is_an_error() {
         // Alias expansion ("billion laughs"), deep nesting, huge and negative numbers.
-        let mut laughs = String::from("schema_version: 2\na0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        let mut laughs = String::from("schema_version: 3\na0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..12 {
             let prev = format!("*a{}", i - 1);
             laughs.push_str(&format!("a{i}: &a{i} [{}]\n", [prev.as_str(); 10].join(", ")));
         }
         assert!(load(laughs.as_bytes()).is_err());
         // Deep flow nesting: 100 000 brackets used to take a minute (twice) before this was bounded.
-        let deep = format!("schema_version: 2\nmodel: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let deep = format!("schema_version: 3\nmodel: {}{}", "[".repeat(100_000), "]".repeat(100_000));
         assert!(load(deep.as_bytes()).unwrap_err().to_string().contains("nested"));
-        let deep = format!("schema_version: 2\nmodel: {}", "{a: ".repeat(100_000));
+        let deep = format!("schema_version: 3\nmodel: {}", "{a: ".repeat(100_000));
         assert!(load(deep.as_bytes()).unwrap_err().to_string().contains("nested"));
-        let big = format!("schema_version: 2\n#{}", "x".repeat(2 << 20));
+        let big = format!("schema_version: 3\n#{}", "x".repeat(2 << 20));
         assert!(load(big.as_bytes()).unwrap_err().to_string().contains("larger than"));
         for (field, value) in
             [("num_layers", "18446744073709551616"), ("num_layers", "-1"), ("vocab_size", "1e400"), ("bos", "x")]
@@ -684,7 +684,7 @@ mod tests {
 
         #[test]
         fn arbitrary_text_after_the_version_never_panics(text in "[a-z_:\\- \\n\\[\\]{}&*!|>'\"0-9#,.]{0,300}") {
-            let _ = load(format!("schema_version: 2\n{text}").as_bytes());
+            let _ = load(format!("schema_version: 3\n{text}").as_bytes());
         }
 
         #[test]

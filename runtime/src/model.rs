@@ -5,14 +5,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use ndarray::{Array2, Array4, Array5};
-use ort::value::TensorRef;
+use ndarray::{Array4, Array5};
+use ort::memory::MemoryInfo;
+use ort::value::Tensor;
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::generate::{LanguageModel, features_2d, ms};
+use crate::features::{Features, device_memory};
+use crate::generate::{LanguageModel, ms};
 use crate::graph::Graph;
 use crate::graph::SessionOptions;
 use crate::kv_cache;
@@ -104,6 +106,21 @@ fn pick_vision(manifest: &mut Manifest, choice: DecoderChoice, device: &Device) 
     }
 }
 
+/// `embed.onnx` must splice the visual features itself (engines of manifest schema 3 on): the
+/// runtime never brings features or embeddings to the host.
+fn check_embed_inputs(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let inputs = &manifest.graphs.embed.inputs;
+    for name in ["input_ids", "visual_features", "visual_index"] {
+        if !inputs.iter().any(|i| i.name == name) {
+            return Err(Error::Manifest {
+                path: dir.join(MANIFEST_FILE),
+                message: format!("graphs.embed has no input {name}; re-export the engine with this toolkit"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// What a conversation is about.
 #[derive(Debug, Clone)]
 pub enum Media {
@@ -124,8 +141,8 @@ pub enum Media {
 /// Visual features ready to splice, with how they were obtained.
 #[derive(Debug, Clone)]
 pub struct Visual {
-    /// `[tokens, hidden]`.
-    pub features: Arc<Array2<f32>>,
+    /// `[tokens, hidden]`, where the vision graph left them (device memory on a GPU).
+    pub features: Arc<Features>,
     /// Whether the features are a video's (else an image's).
     pub is_video: bool,
     /// Decode + preprocessing time.
@@ -134,7 +151,7 @@ pub struct Visual {
     pub vision_ms: f64,
 }
 
-type FeatureCache = Mutex<VecDeque<([u8; 32], Arc<Array2<f32>>)>>;
+type FeatureCache = Mutex<VecDeque<([u8; 32], Arc<Features>)>>;
 
 /// The loaded graphs, tokenizer and feature cache of one engine directory, shared (in an `Arc`)
 /// by the serving engine's threads and the callers that drive the decoder themselves.
@@ -149,6 +166,10 @@ pub struct Model {
     embed: Graph,
     decoder: Graph,
     mask_ones: Vec<i64>,
+    /// Where values passed between graphs stay (the device's memory).
+    memory: MemoryInfo<'static>,
+    /// `embed.onnx`'s `visual_features` for calls without visual rows.
+    no_features: Tensor<f32>,
     cache: FeatureCache,
 }
 
@@ -214,7 +235,10 @@ impl Model {
         // The KV cache mode (concatenated or shared buffers) comes from the manifest; its
         // interface is checked here, once the graph has been checked against the manifest.
         kv_cache::check_decoder(&dir, &manifest)?;
+        check_embed_inputs(&dir, &manifest)?;
         let mask_ones = vec![1i64; manifest.max_sequence_length];
+        let memory = device_memory(&options.session.device)?;
+        let no_features = Tensor::from_array(([1usize, 0, manifest.model.text_hidden], Vec::<f32>::new()))?;
         Ok(Self {
             dir,
             manifest,
@@ -226,6 +250,8 @@ impl Model {
             embed,
             decoder,
             mask_ones,
+            memory,
+            no_features,
             cache: Mutex::new(VecDeque::new()),
         })
     }
@@ -259,7 +285,7 @@ impl Model {
         Ok(self.image.get_or_init(|| g))
     }
 
-    fn cached(&self, key: &[u8; 32]) -> Option<Arc<Array2<f32>>> {
+    fn cached(&self, key: &[u8; 32]) -> Option<Arc<Features>> {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let pos = cache.iter().position(|(k, _)| k == key)?;
         let entry = cache.remove(pos)?;
@@ -268,7 +294,7 @@ impl Model {
         Some(features)
     }
 
-    fn remember(&self, key: [u8; 32], features: Arc<Array2<f32>>) {
+    fn remember(&self, key: [u8; 32], features: Arc<Features>) {
         if self.options.feature_cache_entries == 0 {
             return;
         }
@@ -340,19 +366,32 @@ impl Model {
         Ok(())
     }
 
-    fn run_vision(&self, pixels: &PixelTensor) -> Result<Array2<f32>> {
-        match pixels {
-            PixelTensor::Video(px) => {
-                let mut s = self.vision.lock();
-                let out = s.run(ort::inputs!["pixel_values_videos" => TensorRef::from_array_view(px.view())?])?;
-                features_2d(&out["video_features"].try_extract_array::<f32>()?)
-            }
-            PixelTensor::Image(px) => {
-                let mut s = self.image_graph()?.lock();
-                let out = s.run(ort::inputs!["pixel_values" => TensorRef::from_array_view(px.view())?])?;
-                features_2d(&out["image_features"].try_extract_array::<f32>()?)
-            }
-        }
+    /// Runs the vision graph with its output bound to the device's memory, where it stays.
+    fn run_vision(&self, pixels: &PixelTensor) -> Result<Features> {
+        // Owned copies: `IoBinding::bind_input` would clone a borrowed tensor itself (through a
+        // session of its own), and the pixels are small next to the graph's work.
+        let (graph, input, output, pixels) = match pixels {
+            PixelTensor::Video(px) => (
+                &self.vision,
+                "pixel_values_videos",
+                "video_features",
+                Tensor::from_array(px.as_ref().clone())?.into_dyn(),
+            ),
+            PixelTensor::Image(px) => (
+                self.image_graph()?,
+                "pixel_values",
+                "image_features",
+                Tensor::from_array(px.as_ref().clone())?.into_dyn(),
+            ),
+        };
+        let mut session = graph.lock();
+        let mut binding = session.create_binding()?;
+        binding.bind_input(input, &pixels)?;
+        binding.bind_output_to_device(output, &self.memory)?;
+        let mut outputs = session.run_binding(&binding)?;
+        let value =
+            outputs.remove(output).ok_or_else(|| Error::Request(format!("the vision graph gave no {output}")))?;
+        Features::from_value(value, output)
     }
 
     /// The embedding and decoder graphs, for callers that drive the decoder themselves
@@ -363,6 +402,8 @@ impl Model {
             decoder: &self.decoder,
             mask_ones: &self.mask_ones,
             vocab: self.manifest.model.vocab_size,
+            memory: &self.memory,
+            no_features: &self.no_features,
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct ShapeLimits {
     pub max_vision_batch: usize,
     /// Frames per video.
     pub frames: usize,
+    /// Visual rows of one video or image (`embed.onnx`'s `visual_rows`).
+    pub max_visual_rows: usize,
     /// Longest context.
     pub max_sequence: usize,
     /// Prompt length to tune for.
@@ -59,6 +61,8 @@ impl ShapeLimits {
             max_batch: options.max_batch.max(1),
             max_vision_batch: options.max_vision_batch.max(1),
             frames: manifest.preprocess.frames,
+            max_visual_rows: (manifest.preprocess.frames * manifest.model.tokens_per_frame)
+                .max(manifest.model.tokens_per_image),
             max_sequence: manifest.max_sequence_length,
             opt_sequence: options.opt_sequence.clamp(1, manifest.max_sequence_length.max(1)),
         }
@@ -71,6 +75,9 @@ impl ShapeLimits {
             "batch" if role == "vision" || role == "image" => (1, 1, self.max_vision_batch),
             "batch" => (1, 1, self.max_batch),
             "frames" => (1, self.frames, self.frames),
+            "visual_batch" => (1, 1, self.max_vision_batch),
+            // Text-only and decode steps bind no rows.
+            "visual_rows" => (0, self.max_visual_rows, self.max_visual_rows),
             "sequence" => (1, self.opt_sequence, s),
             // The first prompt chunk has no past; a decode step of a long conversation has s - 1.
             "past_sequence" => (0, self.opt_sequence, s.saturating_sub(1)),

@@ -11,7 +11,7 @@
 //! positions in use; a freed slot's pages are handed back ([`SlotPool::release`]). On a GPU the
 //! same buffers are allocated once in device memory through the session's allocator
 //! ([`SlotPool::with_allocator`]), so decode steps read and write the cache where it lives and
-//! only embeddings go in and the last logits row comes out. The spare
+//! only the embeddings `embed.onnx` left there go in and the last logits row comes out. The spare
 //! position exists for rows that ride along in a decode call without decoding (see
 //! [`DecodeRow::Idle`]): their write lands one past what they hold and is overwritten before it
 //! is ever read.
@@ -29,9 +29,9 @@ use crate::manifest::{DType, ModelDims};
 /// One row of a decode call.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum DecodeRow {
-    /// A sequence decoding one token: its embedding row is fed at position `held`.
+    /// A sequence decoding one token: its token's embedding is fed at position `held`.
     Decode { held: usize },
-    /// A slot inside the run that does not decode now; it is fed a zero embedding at `held`
+    /// A slot inside the run that does not decode now; it is fed token 0's embedding at `held`
     /// (the spare position at most), whose output is discarded.
     Idle { held: usize },
 }
@@ -181,7 +181,7 @@ impl SlotPool {
         session: &mut Session,
         first: usize,
         rows: &[DecodeRow],
-        embeds: Tensor<f32>,
+        embeds: DynTensor,
         fetch: Fetch,
     ) -> Result<Fetched> {
         let width = rows.iter().map(|r| r.held() + 1).max().unwrap_or(1);
@@ -200,7 +200,7 @@ impl SlotPool {
         session: &mut Session,
         slot: usize,
         held: usize,
-        embeds: Tensor<f32>,
+        embeds: DynTensor,
     ) -> Result<Vec<f32>> {
         let total = held + embeds.shape()[1] as usize;
         let mask = Tensor::from_array(([1usize, total], vec![1i64; total]))?;
@@ -215,7 +215,7 @@ impl SlotPool {
         session: &mut Session,
         first: usize,
         rows: usize,
-        embeds: Tensor<f32>,
+        embeds: DynTensor,
         mask: Tensor<i64>,
         fetch: Fetch,
     ) -> Result<Fetched> {

@@ -11,16 +11,14 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use ndarray::{Array2, Array3, s};
-use ort::value::Tensor;
-
 use super::plan::{self, Idle, Room, SeqState};
 use super::pool::{DecodeRow, Fetch, Fetched, SlotPool};
 use super::prefix::{self, PrefixIndex};
 use super::request::{Control, ConversationId, Done, Event, Pace};
 use super::{EngineOptions, EngineStats, VisionJob, WhenFull};
 use crate::error::{Error, Overload, Result};
-use crate::generate::{Decoding, FinishReason, Flow, Next, Splice, ms, splice_features};
+use crate::features::{Features, Splice};
+use crate::generate::{Decoding, FinishReason, Flow, Next, ms};
 use crate::kv_cache::KvCache;
 use crate::manifest::{KvLayout, ModelDims};
 use crate::model::{Media, Model, Visual};
@@ -156,7 +154,7 @@ struct Conv {
     /// The last answer's final token, fed with the next turn.
     unfed: Option<u32>,
     /// The placeholder id and the features spliced at its positions.
-    visual: Option<(u32, Arc<Array2<f32>>)>,
+    visual: Option<(u32, Arc<Features>)>,
     keep: bool,
     /// Its media's identity, when it belongs to the prefix cache.
     cache: Option<String>,
@@ -822,8 +820,6 @@ impl Worker {
                 Ok(out)
             }
             Backend::Pool(pool) => {
-                let embeds = lm.embed(&ids)?;
-                let hidden = embeds.shape()[2];
                 let mut by_slot: Vec<(usize, usize)> = Vec::with_capacity(indices.len());
                 for (k, &i) in indices.iter().enumerate() {
                     let slot = self.convs.get(&self.running[i].conv).and_then(|c| c.slot);
@@ -846,21 +842,23 @@ impl Worker {
                 let mut decoder = self.model.decoder().lock();
                 for run in plan::decode_runs(&slots) {
                     let mut rows = Vec::with_capacity(run.len());
-                    let mut batch = Array3::<f32>::zeros((run.len(), 1, hidden));
+                    // Idle rows take token 0: their output is discarded.
+                    let mut run_ids = vec![0u32; run.len()];
                     let mut members = Vec::new();
                     for (r, slot) in run.clone().enumerate() {
                         let held = self.slots[slot].and_then(|c| self.convs.get(&c)).map_or(0, |c| c.len);
                         match by_slot.binary_search_by_key(&slot, |(s, _)| *s) {
                             Ok(pos) => {
                                 let k = by_slot[pos].1;
-                                batch.slice_mut(s![r, 0, ..]).assign(&embeds.slice(s![0, k, ..]));
+                                run_ids[r] = ids[k];
                                 rows.push(DecodeRow::Decode { held });
                                 members.push((r, k));
                             }
                             Err(_) => rows.push(DecodeRow::Idle { held }),
                         }
                     }
-                    match pool.decode(&mut decoder, run.start, &rows, Tensor::from_array(batch)?, fetch)? {
+                    let embeds = lm.embed(&run_ids, run.len(), None)?;
+                    match pool.decode(&mut decoder, run.start, &rows, embeds, fetch)? {
                         Fetched::Logits(logits) => {
                             for (r, k) in members {
                                 out[k] = RowOut::Logits(logits[r * vocab..(r + 1) * vocab].to_vec());
@@ -920,14 +918,14 @@ impl Worker {
                 let count = |ids: &[u32]| ids.iter().filter(|t| *t == token).count();
                 let before = count(earlier) + count(&r.feed[..r.fed]);
                 let here = count(ids);
-                if before + here > features.nrows() {
+                if before + here > features.rows() {
                     return Err(Error::Request(format!(
                         "{} visual placeholders for {} feature rows",
                         before + here,
-                        features.nrows()
+                        features.rows()
                     )));
                 }
-                (here > 0).then(|| Splice { token: *token, features: features.slice(s![before..before + here, ..]) })
+                (here > 0).then(|| Splice { token: *token, features, first: before })
             }
             None => None,
         };
@@ -939,12 +937,9 @@ impl Worker {
             }
             Backend::Pool(pool) => {
                 let slot = conv.slot.ok_or(Error::Conversation("lost its slot"))?;
-                let mut embeds = lm.embed(ids)?;
-                if let Some(s) = &splice {
-                    splice_features(&mut embeds, ids, s)?;
-                }
+                let embeds = lm.embed(ids, 1, splice.as_ref())?;
                 let mut decoder = self.model.decoder().lock();
-                pool.prefill(&mut decoder, slot, conv.len, Tensor::from_array(embeds)?)
+                pool.prefill(&mut decoder, slot, conv.len, embeds)
             }
         }
     }

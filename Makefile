@@ -74,6 +74,14 @@ goldens:
 gptq-goldens:
 	$(ORACLE)/bin/python tools/gptq_reference.py --out tests/fixtures/gptq
 
+# The tiny engine's manifest and tokenizer that the runtime's unit tests read (tests/fixtures/manifest/).
+.PHONY: manifest-fixture
+manifest-fixture: build
+	rm -rf /tmp/tiny-ckpt /tmp/tiny-engine
+	./target/release/vl-export synth --preset tiny --out /tmp/tiny-ckpt
+	./target/release/vl-export build --model /tmp/tiny-ckpt --out /tmp/tiny-engine --target onnxruntime
+	cp /tmp/tiny-engine/manifest.yaml /tmp/tiny-engine/tokenizer.json tests/fixtures/manifest/
+
 # transformers' resolution of the published sparse config.json (tests/fixtures/config/).
 config-goldens:
 	$(ORACLE)/bin/python tools/config_defaults.py

@@ -27,8 +27,9 @@ BLOCKSIZE = 128
 PERCDAMP = 0.01
 
 
-def find_params(x, maxq):
-    """Per row of x: (scale float32-rounded, zero), as Quantizer.find_params(weight=True)."""
+def find_params(x, maxq, mse=False, norm=2.4, grid=100, maxshrink=0.8):
+    """Per row of x: (scale float32-rounded, zero), as Quantizer.find_params(weight=True), with
+    Quantizer(mse=True)'s search when asked: the range shrunk by 1 - i/grid, least sum |q - x|^norm."""
     xmin = torch.minimum(x.min(1).values, torch.zeros(x.shape[0], dtype=x.dtype))
     xmax = torch.maximum(x.max(1).values, torch.zeros(x.shape[0], dtype=x.dtype))
     tmp = (xmin == 0) & (xmax == 0)
@@ -36,6 +37,19 @@ def find_params(x, maxq):
     xmax[tmp] = +1
     scale = ((xmax - xmin) / maxq).to(torch.float32).to(x.dtype)
     zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
+    if mse:
+        best = torch.full([x.shape[0]], float("inf"), dtype=x.dtype)
+        for i in range(int(maxshrink * grid)):
+            p = 1 - i / grid
+            xmin1, xmax1 = p * xmin, p * xmax
+            scale1 = ((xmax1 - xmin1) / maxq).to(torch.float32).to(x.dtype)
+            zero1 = torch.clamp(torch.round(-xmin1 / scale1), 0, maxq)
+            _, deq = quantize(x, scale1.unsqueeze(1), zero1.unsqueeze(1), maxq)
+            err = (deq - x).abs().pow(norm).sum(1)
+            tmp = err < best
+            best[tmp] = err[tmp]
+            scale[tmp] = scale1[tmp]
+            zero[tmp] = zero1[tmp]
     return scale, zero
 
 
@@ -44,19 +58,19 @@ def quantize(x, scale, zero, maxq):
     return q, scale * (q - zero)
 
 
-def rtn(W, group, maxq):
+def rtn(W, group, maxq, mse=False):
     rows, cols = W.shape
     codes = torch.zeros_like(W)
     scales, zeros = [], []
     for c in range(0, cols, group):
-        scale, zero = find_params(W[:, c:c + group], maxq)
+        scale, zero = find_params(W[:, c:c + group], maxq, mse)
         codes[:, c:c + group], _ = quantize(W[:, c:c + group], scale.unsqueeze(1), zero.unsqueeze(1), maxq)
         scales.append(scale)
         zeros.append(zero)
     return codes, torch.stack(scales, 1), torch.stack(zeros, 1)
 
 
-def fasterquant(W, H, group, maxq, actorder=False):
+def fasterquant(W, H, group, maxq, actorder=False, mse=False):
     W = W.clone()
     H = H.clone()
     rows, columns = W.shape
@@ -69,7 +83,7 @@ def fasterquant(W, H, group, maxq, actorder=False):
     groups = []
     if actorder:  # static_groups=True
         for i in range(0, columns, group):
-            scale, zero = find_params(W[:, i:(i + group)], maxq)
+            scale, zero = find_params(W[:, i:(i + group)], maxq, mse)
             groups.append((scale, zero))
             scales[:, i // group] = scale
             zeros[:, i // group] = zero
@@ -97,7 +111,7 @@ def fasterquant(W, H, group, maxq, actorder=False):
             if actorder:
                 scale, zero = groups[perm[i1 + i] // group]
             elif (i1 + i) % group == 0:
-                scale, zero = find_params(W[:, (i1 + i):(i1 + i + group)], maxq)
+                scale, zero = find_params(W[:, (i1 + i):(i1 + i + group)], maxq, mse)
                 scales[:, (i1 + i) // group] = scale
                 zeros[:, (i1 + i) // group] = zero
             q, deq = quantize(w, scale, zero, maxq)
@@ -139,6 +153,8 @@ def main():
             ("gptq", fasterquant(Wd, H, group, maxq)),
             ("gptq_ao", fasterquant(Wd, H, group, maxq, actorder=True)),
             ("rtn", rtn(Wd, group, maxq)),
+            ("gptq_ao_mse", fasterquant(Wd, H, group, maxq, actorder=True, mse=True)),
+            ("rtn_mse", rtn(Wd, group, maxq, mse=True)),
         ):
             np.save(os.path.join(args.out, f"{name}_g{group}_codes.npy"), codes.numpy().astype(np.uint8))
             np.save(os.path.join(args.out, f"{name}_g{group}_scales.npy"), scales.numpy().astype(np.float32))
@@ -151,8 +167,9 @@ def main():
         f.write("Made by `make gptq-goldens`:\n\n    .oracle/bin/python tools/gptq_reference.py --out tests/fixtures/gptq\n\n")
         f.write(f"torch {torch.__version__}, numpy {np.__version__}; float64 on the CPU; {BITS} bits, groups {GROUPS}.\n")
         f.write("Inputs: `w.npy` (48x256), `x.npy` (512x256, outlier channels 5, 77, 200; channel 130 zero), seed 0.\n")
-        f.write("Outputs: `{gptq,gptq_ao,rtn}_g{32,128}_{codes,scales,zeros}.npy` (codes [48, 256], scales and zeros\n")
-        f.write("[48, 256/g]); `gptq_ao` is GPTQ with actorder=True, static_groups=True.\n\n")
+        f.write("Outputs: `{gptq,gptq_ao,rtn,gptq_ao_mse,rtn_mse}_g{32,128}_{codes,scales,zeros}.npy` (codes [48, 256],\n")
+        f.write("scales and zeros [48, 256/g]); `gptq_ao` is GPTQ with actorder=True, static_groups=True; `_mse` fits each\n")
+        f.write("group's range by Quantizer(mse=True)'s search (norm 2.4, grid 100, maxshrink 0.8).\n\n")
         f.write("Output error of each on X:\n\n" + "\n".join(lines) + "\n\nDo not edit by hand; regenerate.\n")
     print("\n".join(lines))
 

@@ -19,6 +19,11 @@ use crate::onnx::{ExternalData, FinishedGraph, GraphBuilder};
 use crate::precision::{Plan, WeightMethod};
 use crate::quant::calibrate::{CalibOptions, CalibReport, calibrate};
 use crate::staging;
+use crate::weight_codes::grid::GridFit;
+
+fn is_weight_only(precision: Precision) -> bool {
+    matches!(precision, Precision::Int8Weight | Precision::Int4Weight)
+}
 
 /// What to export and where.
 #[derive(Debug, Clone)]
@@ -40,6 +45,8 @@ pub struct BuildOptions {
     pub calib: Option<CalibOptions>,
     /// How the weight-only precisions make their codes (GPTQ calibrates first).
     pub weight_method: WeightMethod,
+    /// How GPTQ fits each block's range (`GridFit::Mse`: the reference's clipping search).
+    pub weight_grid: GridFit,
     /// Operator set (`None`: the one the precision needs; `Some(OnnxRuntime)` also switches the
     /// decoder to `GroupQueryAttention` with a shared KV buffer).
     pub target: Option<Target>,
@@ -57,6 +64,7 @@ impl BuildOptions {
             towers: TowerDirs::default(),
             calib: None,
             weight_method: WeightMethod::default(),
+            weight_grid: GridFit::default(),
             target: None,
         }
     }
@@ -80,7 +88,16 @@ pub struct BuildReport {
 /// Exports the checkpoint in `opts.model` to `opts.out`.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport> {
     let started = Instant::now();
-    let mut plan = Plan::new(opts.precision, opts.block_size)?.with_method(opts.weight_method);
+    if opts.weight_grid == GridFit::Mse && !(opts.weight_method.gptq() && is_weight_only(opts.precision)) {
+        return Err(Error::Invalid(format!(
+            "--weight-grid mse fits GPTQ's blocks: it needs --precision int4-weight or int8-weight with a gptq \
+             --weight-method (got {:?} with {})",
+            opts.precision,
+            opts.weight_method.label()
+        )));
+    }
+    let mut plan =
+        Plan::new(opts.precision, opts.block_size)?.with_method(opts.weight_method).with_grid(opts.weight_grid);
     if let Some(target) = opts.target {
         plan = plan.with_target(target)?;
     }

@@ -131,7 +131,7 @@ impl LanguageModel<'_> {
     /// `rows` sequences of `ids.len() / rows` tokens each, embedded with `splice`'s features at
     /// its placeholders, left in [`Self::memory`] for the decoder: `[rows, tokens, hidden]`.
     pub(crate) fn embed(&self, ids: &[u32], rows: usize, splice: Option<&Splice<'_>>) -> Result<DynTensor> {
-        if rows == 0 || ids.len() % rows != 0 {
+        if rows == 0 || !ids.len().is_multiple_of(rows) {
             return Err(Error::Request(format!("{} token ids for {rows} rows", ids.len())));
         }
         let shape = [rows, ids.len() / rows];

@@ -11,6 +11,7 @@ use vl_export::quant::calibrate::CalibOptions;
 use vl_export::quant::fusion::fusion_report;
 use vl_export::quant::stats::Method;
 use vl_export::synth::{Preset, SynthSpec, SynthTokenizer, WeightDtype, WeightsFormat, synthesize};
+use vl_export::weight_codes::grid::GridFit;
 use vl_runtime::manifest::{CheckpointLayout, Precision, Target};
 
 #[derive(Parser)]
@@ -40,6 +41,10 @@ enum Command {
         /// calibration set of --calib, default calib/default.yaml) and is the most accurate.
         #[arg(long, value_enum, default_value_t = WeightMethodArg::GptqActOrder)]
         weight_method: WeightMethodArg,
+        /// How GPTQ fits each block's range: `minmax` (the block's range) or `mse` (GPTQ's
+        /// reference clipping search: the range shrunk by up to 20%, least error).
+        #[arg(long, value_enum, default_value_t = WeightGridArg::Minmax)]
+        weight_grid: WeightGridArg,
         /// Runtime the graphs are written for (default: standard, or onnxruntime where the
         /// precision needs it). `onnxruntime` also writes the decoder with ONNX Runtime's
         /// GroupQueryAttention and a KV cache shared in place between steps.
@@ -225,6 +230,14 @@ impl CalibArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum WeightGridArg {
+    /// Each block's range.
+    Minmax,
+    /// GPTQ's reference MSE search over shrunk ranges.
+    Mse,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum WeightMethodArg {
     /// GPTQ with act-order (columns by decreasing Hessian diagonal, static groups), asymmetric
     /// blocks (zero points), from the calibration set's Hessians.
@@ -363,6 +376,7 @@ fn run() -> Result<()> {
             precision,
             block_size,
             weight_method,
+            weight_grid,
             target,
             video_tower,
             image_tower,
@@ -390,6 +404,10 @@ fn run() -> Result<()> {
                     WeightMethodArg::GptqActOrder => WeightMethod::GptqActOrder,
                     WeightMethodArg::RtnAsym => WeightMethod::RtnAsymmetric,
                     WeightMethodArg::RtnSym => WeightMethod::RtnSymmetric,
+                },
+                weight_grid: match weight_grid {
+                    WeightGridArg::Minmax => GridFit::MinMax,
+                    WeightGridArg::Mse => GridFit::Mse,
                 },
                 progress: true,
                 towers,

@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::quant::hessian::Hessian;
 use crate::weight_codes::blocks::{BlockShape, QuantizedBlocks};
 use crate::weight_codes::gptq::{self, Factor};
+use crate::weight_codes::grid::GridFit;
 
 const MAGIC: &[u8; 8] = b"VLGPTQ1\0";
 /// Bumped when GPTQ's arithmetic or options change, so codes of an older one are not reused.
@@ -40,6 +41,8 @@ pub struct GptqRequest {
     pub block: usize,
     /// Columns in decreasing order of the Hessian's diagonal, with groups fitted beforehand.
     pub act_order: bool,
+    /// How each group's range is chosen.
+    pub grid: GridFit,
 }
 
 impl GptqRequest {
@@ -47,12 +50,13 @@ impl GptqRequest {
     /// (linears, head) and block size.
     pub fn dir(&self, base: &Path) -> PathBuf {
         PathBuf::from(format!(
-            "{}.gptq{GPTQ_VERSION}-w{}h{}-g{}{}",
+            "{}.gptq{GPTQ_VERSION}-w{}h{}-g{}{}{}",
             base.display(),
             self.bits,
             self.head_bits,
             self.block,
-            if self.act_order { "-act-order" } else { "" }
+            if self.act_order { "-act-order" } else { "" },
+            if self.grid == GridFit::Mse { "-mse" } else { "" }
         ))
     }
 }
@@ -200,7 +204,7 @@ pub fn quantize_block(
             }
             let values = ck.store.f32(w, &[n, k])?;
             let bits = if w == head { req.head_bits } else { req.bits };
-            let q = gptq::quantize(&values, n, &factor, bits, req.block);
+            let q = gptq::quantize(&values, n, &factor, bits, req.block, req.grid);
             out.write(graph, w, BlockShape { n, k, bits, block: req.block }, &q)?;
         }
     }

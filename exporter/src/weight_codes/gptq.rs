@@ -15,7 +15,7 @@ use ndarray::{ArrayView2, ArrayViewMut2, s};
 
 use super::blocks::{BlockShape, QuantizedBlocks, pack};
 use super::cholesky::{NotPositiveDefinite, upper_cholesky_of_inverse};
-use super::grid::Grid;
+use super::grid::{Grid, GridFit};
 
 /// The reference's dampening: this fraction of the mean diagonal is added to it.
 pub const DAMP: f64 = 0.01;
@@ -75,7 +75,7 @@ impl Factor {
 
 /// Quantizes row-major `w` (`[n, k]`, a PyTorch `Linear` weight) by GPTQ with `factor` (of
 /// its input's Hessian), `bits` per code and one grid per `block` columns of a row.
-pub fn quantize(w: &[f32], n: usize, factor: &Factor, bits: u8, block: usize) -> QuantizedBlocks {
+pub fn quantize(w: &[f32], n: usize, factor: &Factor, bits: u8, block: usize, fit: GridFit) -> QuantizedBlocks {
     let k = factor.k;
     let shape = BlockShape { n, k, bits, block };
     let kb = shape.k_blocks();
@@ -95,7 +95,8 @@ pub fn quantize(w: &[f32], n: usize, factor: &Factor, bits: u8, block: usize) ->
     if factor.act_order {
         for r in 0..n {
             for g in 0..kb {
-                grids[r * kb + g] = Grid::fit((g * block..((g + 1) * block).min(k)).map(|c| value(r, c)), bits);
+                let values: Vec<f64> = (g * block..((g + 1) * block).min(k)).map(|c| value(r, c)).collect();
+                grids[r * kb + g] = fit.fit(&values, bits);
             }
         }
     }
@@ -111,7 +112,8 @@ pub fn quantize(w: &[f32], n: usize, factor: &Factor, bits: u8, block: usize) ->
                 let g = col / block;
                 let end = (col + block).min(k);
                 for r in 0..n {
-                    grids[r * kb + g] = Grid::fit((col..end).map(|c| wt[c * n + r]), bits);
+                    let values: Vec<f64> = (col..end).map(|c| wt[c * n + r]).collect();
+                    grids[r * kb + g] = fit.fit(&values, bits);
                 }
             }
             let d = u[col * k + col];
@@ -188,7 +190,7 @@ mod tests {
         let er = output_error(&x, &w, &r, n, k);
         for act_order in [false, true] {
             let f = Factor::new(h.clone(), k, act_order).unwrap();
-            let g = dequantize(&quantize(&w, n, &f, 4, 32), n, k, 4, 32);
+            let g = dequantize(&quantize(&w, n, &f, 4, 32, GridFit::MinMax), n, k, 4, 32);
             let eg = output_error(&x, &w, &g, n, k);
             assert!(eg < 0.8 * er, "GPTQ (act-order {act_order}) {eg} vs RTN {er}");
         }

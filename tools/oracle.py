@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oracle_common import FixtureWriter, sha256_files, top2_margin
+from oracle_common import FixtureWriter, clip_pixel_config, sha256_files, top2_margin
 from oracle_common import fixture_readme as common_fixture_readme
 
 NUM_FRAMES = 8
@@ -651,19 +651,7 @@ def synth_processor_files(out_dir, image_size, patch_size, max_length):
             "extra_special_tokens": {"image_token": "<image>", "video_token": "<video>"},
         },
     )
-    pixels = {
-        "do_resize": True,
-        "size": {"shortest_edge": image_size},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True,
-    }
+    pixels = clip_pixel_config(image_size)
     write_json(
         out_dir / "preprocessor_config.json",
         {"image_processor_type": "VideoLlavaImageProcessor", "processor_class": "VideoLlavaProcessor", **pixels},

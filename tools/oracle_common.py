@@ -50,3 +50,24 @@ def fixture_readme(golden, title, produced_by, format_note):
         + "".join(f"- `{k}`: `{v}`\n" for k, v in golden["model_sha256"].items())
         + f"\n{format_note}\n"
     )
+
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def clip_pixel_config(side):
+    """The CLIP pixel settings of Video-LLaVA's image and video processors, for `side`-pixel frames."""
+    return {
+        "do_resize": True,
+        "size": {"shortest_edge": side},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": side, "width": side},
+        "do_rescale": True,
+        "rescale_factor": 1.0 / 255.0,
+        "do_normalize": True,
+        "image_mean": CLIP_MEAN,
+        "image_std": CLIP_STD,
+        "do_convert_rgb": True,
+    }

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from oracle_common import clip_pixel_config
+
 NUM_FRAMES = 8
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # The `tiny` preset of `vl-export synth` (exporter/src/synth/mod.rs).
 TINY_VISION = {
     "hidden_size": 32,
@@ -447,20 +447,7 @@ def write_json(path: Path, value) -> None:
 def side_files(special: dict, max_positions: int) -> dict[str, dict]:
     """tokenizer_config, special tokens and processor configs, by file name."""
     side = TINY_VISION["image_size"]
-    pixels = {
-        "processor_class": "VideoLlavaProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": side},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": side, "width": side},
-        "do_rescale": True,
-        "rescale_factor": 1.0 / 255.0,
-        "do_normalize": True,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
-        "do_convert_rgb": True,
-    }
+    pixels = {"processor_class": "VideoLlavaProcessor", **clip_pixel_config(side)}
     return {
         "tokenizer_config.json": {
             "tokenizer_class": "PreTrainedTokenizerFast",

@@ -106,21 +106,6 @@ fn pick_vision(manifest: &mut Manifest, choice: DecoderChoice, device: &Device) 
     }
 }
 
-/// `embed.onnx` must splice the visual features itself (engines of manifest schema 3 on): the
-/// runtime never brings features or embeddings to the host.
-fn check_embed_inputs(dir: &Path, manifest: &Manifest) -> Result<()> {
-    let inputs = &manifest.graphs.embed.inputs;
-    for name in ["input_ids", "visual_features", "visual_index"] {
-        if !inputs.iter().any(|i| i.name == name) {
-            return Err(Error::Manifest {
-                path: dir.join(MANIFEST_FILE),
-                message: format!("graphs.embed has no input {name}; re-export the engine with this toolkit"),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// What a conversation is about.
 #[derive(Debug, Clone)]
 pub enum Media {
@@ -235,7 +220,6 @@ impl Model {
         // The KV cache mode (concatenated or shared buffers) comes from the manifest; its
         // interface is checked here, once the graph has been checked against the manifest.
         kv_cache::check_decoder(&dir, &manifest)?;
-        check_embed_inputs(&dir, &manifest)?;
         let mask_ones = vec![1i64; manifest.max_sequence_length];
         let memory = device_memory(&options.session.device)?;
         let no_features = Tensor::from_array(([1usize, 0, manifest.model.text_hidden], Vec::<f32>::new()))?;

@@ -92,11 +92,14 @@ pub fn quantize(w: &[f32], n: usize, factor: &Factor, bits: u8, block: usize, fi
     let u = &factor.u;
     let mut codes = vec![0u8; n * k];
     let mut grids = vec![Grid { scale: 0.0, zero: 0, max_code: 0 }; n * kb];
+    // One group's values, reused for every grid fitted.
+    let mut group = Vec::with_capacity(block);
     if factor.act_order {
         for r in 0..n {
             for g in 0..kb {
-                let values: Vec<f64> = (g * block..((g + 1) * block).min(k)).map(|c| value(r, c)).collect();
-                grids[r * kb + g] = fit.fit(&values, bits);
+                group.clear();
+                group.extend((g * block..((g + 1) * block).min(k)).map(|c| value(r, c)));
+                grids[r * kb + g] = fit.fit(&group, bits);
             }
         }
     }
@@ -112,8 +115,9 @@ pub fn quantize(w: &[f32], n: usize, factor: &Factor, bits: u8, block: usize, fi
                 let g = col / block;
                 let end = (col + block).min(k);
                 for r in 0..n {
-                    let values: Vec<f64> = (col..end).map(|c| wt[c * n + r]).collect();
-                    grids[r * kb + g] = fit.fit(&values, bits);
+                    group.clear();
+                    group.extend((col..end).map(|c| wt[c * n + r]));
+                    grids[r * kb + g] = fit.fit(&group, bits);
                 }
             }
             let d = u[col * k + col];
